@@ -1,0 +1,1 @@
+"""jaxgen: generative models in JAX/Flax."""

@@ -1,0 +1,303 @@
+"""VAR: next-scale prediction with an AdaLN transformer (Tian et al., 2024).
+
+Sequence layout: the S scales' token maps (p_k x p_k, row-major) concatenated, L = sum p_k^2 tokens; token 0 is the
+class "start" token, the others are the teacher-forcing inputs `[B, L - p_0^2, Cvae]` (see
+`MultiScaleResidualQuantizer.teacher_forcing_input`). Attention is scale-causal: a token sees its own scale and all
+coarser ones. Parameter names follow upstream (`blocks_3/attn/mat_qkv` for `blocks.3.attn.mat_qkv`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgen.models.attention import dot_product_attention, l2_normalize
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per block: (k, v), each [B, H, L_so_far, head_dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class NextScaleConfig:
+    """Hyper-parameters of the VAR transformer (defaults: VAR-d16 on the released VQVAE)."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32  # Cvae: width of the tokenizer's code vectors
+    num_classes: int = 1000
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    cond_drop_rate: float = 0.1  # label dropout for classifier-free guidance, training only
+    drop_path_rate: float = 0.0
+    dtype: str = "float32"  # compute dtype of the matmuls (params, norms and softmax stay float32)
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"NextScaleConfig: embed_dim {self.embed_dim} is not divisible by "
+                             f"num_heads {self.num_heads}")
+
+    @property
+    def seq_len(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    @property
+    def scale_bounds(self) -> list[tuple[int, int]]:
+        """[begin, end) of each scale in the token sequence."""
+        ends = np.cumsum([p * p for p in self.patch_nums])
+        return [(int(e - p * p), int(e)) for p, e in zip(self.patch_nums, ends, strict=True)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NextScaleConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"NextScaleConfig: unknown fields {unknown}; known: {sorted(fields)}")
+        return cls(**d)
+
+
+def level_ids(patch_nums) -> np.ndarray:
+    """Scale index of every token: `[L]` int32."""
+    return np.concatenate([np.full(p * p, k, np.int32) for k, p in enumerate(patch_nums)])
+
+
+def scale_causal_mask(patch_nums) -> np.ndarray:
+    """`[L, L]` bool, True where the key's scale <= the query's scale."""
+    lvl = level_ids(patch_nums)
+    return lvl[None, :] <= lvl[:, None]
+
+
+def check_labels(labels, num_classes: int, allow_null: bool = True) -> None:
+    """Raise a clear error for class labels outside [0, num_classes) (or == num_classes, the null class)."""
+    labels = np.asarray(labels)
+    hi = num_classes if allow_null else num_classes - 1
+    if labels.size and (labels.min() < 0 or labels.max() > hi):
+        raise ValueError(f"class labels must be in [0, {hi}] ({num_classes} classes"
+                         f"{', plus the null class ' + str(num_classes) if allow_null else ''}); "
+                         f"got min {labels.min()} max {labels.max()}")
+
+
+def next_scale_loss(logits_blv: jax.Array, targets_bl: jax.Array) -> jax.Array:
+    """Mean token cross-entropy over `[B, L]` (VAR weighs every token of every scale equally)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
+
+
+# ---- initialisers (VAR's init_weights) ----------------------------------------------------------------------------
+def _trunc(std: float):
+    return nn.initializers.truncated_normal(std)
+
+
+def _ada_lin_init(std: float, width: int, gamma_gain: float = 1e-5, gain: float = 0.5):
+    """AdaLN linear init: gammas (first 2 chunks) near zero so each block starts as the identity."""
+    def init(key, shape, dtype=jnp.float32):
+        w = _trunc(std)(key, shape, dtype)
+        return w.at[:, : 2 * width].multiply(gamma_gain).at[:, 2 * width:].multiply(gain)
+    return init
+
+
+class SelfAttention(nn.Module):
+    """VAR attention: packed qkv (bias = q_bias | 0 | v_bias), optional L2-normalised q/k with a learnable per-head
+    log-scale clamped at ln(100)."""
+
+    embed_dim: int
+    num_heads: int
+    l2_norm: bool
+    init_std: float
+    out_std: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_blc: jax.Array, mask_ll: np.ndarray | None = None,
+                 cache: tuple[jax.Array, jax.Array] | None = None):
+        b, l, c = x_blc.shape
+        h, hd = self.num_heads, c // self.num_heads
+        qkv = nn.Dense(3 * c, use_bias=False, kernel_init=_trunc(self.init_std), dtype=self.dtype,
+                       name="mat_qkv")(x_blc)
+        q_bias = self.param("q_bias", nn.initializers.zeros, (c,))
+        v_bias = self.param("v_bias", nn.initializers.zeros, (c,))
+        qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        q, k, v = jnp.transpose(qkv.reshape(b, l, 3, h, hd), (2, 0, 3, 1, 4))  # 3 x [B, H, L, hd]
+        if self.l2_norm:
+            log_scale = self.param("scale_mul_1H11", nn.initializers.constant(math.log(4.0)), (h,))
+            scale_mul = jnp.exp(jnp.minimum(log_scale, np.float32(math.log(100.0))))
+            q = (l2_normalize(q) * scale_mul[None, :, None, None].astype(q.dtype)).astype(q.dtype)
+            k = l2_normalize(k)
+            scale = 1.0
+        else:
+            scale = 0.25 / math.sqrt(hd)
+        if cache is not None:
+            k = jnp.concatenate([cache[0], k], axis=2)
+            v = jnp.concatenate([cache[1], v], axis=2)
+        out = dot_product_attention(q, k, v, mask_ll=mask_ll, scale=scale)
+        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, l, c)
+        out = nn.Dense(c, kernel_init=_trunc(self.out_std), dtype=self.dtype, name="proj")(out)
+        return out.astype(jnp.float32), (k, v)
+
+
+class FFN(nn.Module):
+    hidden: int
+    init_std: float
+    out_std: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        h = nn.Dense(self.hidden, kernel_init=_trunc(self.init_std), dtype=self.dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=True)
+        return nn.Dense(c, kernel_init=_trunc(self.out_std), dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
+
+
+def _layer_norm(eps: float) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False)
+
+
+def _drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate` (training only)."""
+    if rng is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """x += g1 * Attn(LN(x)(1+s1) + b1); x += g2 * FFN(LN(x)(1+s2) + b2), with (g1, g2, s1, s2, b1, b2) from the class
+    condition: a per-block `ada_lin` on SiLU(cond), or (shared_aln) the shared projection plus this block's `ada_gss`."""
+
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float
+    norm_eps: float
+    shared_aln: bool
+    attn_l2_norm: bool
+    drop_path: float
+    init_std: float
+    out_std: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_blc, cond, mask_ll=None, cache=None, train: bool = False):
+        c = self.embed_dim
+        if self.shared_aln:  # cond: [B, 6, C] from the shared projection
+            gss = self.param("ada_gss", nn.initializers.normal(c**-0.5), (6, c)) + cond
+        else:  # cond: [B, D]
+            gss = nn.Dense(6 * c, kernel_init=_ada_lin_init(self.init_std, c), name="ada_lin")(nn.silu(cond))
+            gss = gss.reshape(-1, 6, c)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (gss[:, None, i] for i in range(6))  # [B, 1, C]
+        ln = _layer_norm(self.norm_eps)
+        rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
+        rngs = jax.random.split(rng) if rng is not None else (None, None)
+        attn_out, kv = SelfAttention(c, self.num_heads, self.attn_l2_norm, self.init_std, self.out_std,
+                                     dtype=self.dtype, name="attn")(
+            (ln(x_blc) * (1 + scale1) + shift1).astype(self.dtype), mask_ll, cache)
+        x_blc = x_blc + _drop_path(attn_out * gamma1, self.drop_path, rngs[0])
+        ffn_out = FFN(round(c * self.mlp_ratio), self.init_std, self.out_std, dtype=self.dtype, name="ffn")(
+            (ln(x_blc) * (1 + scale2) + shift2).astype(self.dtype))
+        x_blc = x_blc + _drop_path(ffn_out * gamma2, self.drop_path, rngs[1])
+        return x_blc, kv
+
+
+class AdaLNBeforeHead(nn.Module):
+    """LN(x) * (1 + scale) + shift with (scale, shift) = `ada_lin`(SiLU(cond))."""
+
+    norm_eps: float
+    init_std: float
+
+    @nn.compact
+    def __call__(self, x_blc, cond_bd):
+        c = x_blc.shape[-1]
+        ss = nn.Dense(2 * c, kernel_init=_trunc(self.init_std * 0.5), name="ada_lin")(nn.silu(cond_bd))
+        scale, shift = ss.reshape(-1, 2, c)[:, None, 0], ss.reshape(-1, 2, c)[:, None, 1]
+        return _layer_norm(self.norm_eps)(x_blc) * (1 + scale) + shift
+
+
+class NextScaleTransformer(nn.Module):
+    """VAR transformer. `__call__(labels [B], x [B, L-first_l, Cvae]) -> logits [B, L, V]` (teacher forcing)."""
+
+    config: NextScaleConfig
+
+    def setup(self):
+        c = self.config
+        w = c.embed_dim
+        dtype = jnp.dtype(c.dtype)
+        init_std = math.sqrt(1 / w / 3)
+        out_std = init_std / math.sqrt(2 * c.depth)
+        self.word_embed = nn.Dense(w, kernel_init=_trunc(init_std))
+        self.class_emb = nn.Embed(c.num_classes + 1, w, embedding_init=_trunc(init_std))  # last row: null class
+        self.pos_start = self.param("pos_start", _trunc(init_std), (c.first_l, w))
+        self.pos_1LC = self.param("pos_1LC", _trunc(init_std), (c.seq_len, w))
+        self.lvl_embed = nn.Embed(len(c.patch_nums), w, embedding_init=_trunc(init_std))
+        if c.shared_aln:
+            self.shared_ada_lin = nn.Dense(6 * w, kernel_init=_ada_lin_init(init_std, w))
+        dpr = np.linspace(0, c.drop_path_rate, c.depth)
+        self.blocks = [
+            AdaLNSelfAttn(w, c.num_heads, c.mlp_ratio, c.norm_eps, c.shared_aln, c.attn_l2_norm, float(dpr[i]),
+                          init_std, out_std, dtype=dtype)
+            for i in range(c.depth)
+        ]
+        self.head_nm = AdaLNBeforeHead(c.norm_eps, init_std)
+        self.head = nn.Dense(c.vocab_size, kernel_init=_trunc(init_std * 0.02))
+
+    # ---- pieces shared by teacher forcing and sampling --------------------------------------------------------------
+    def level_pos(self) -> jax.Array:
+        """Scale + position embedding of every token `[L, C]`."""
+        return self.lvl_embed(jnp.asarray(level_ids(self.config.patch_nums))) + self.pos_1LC
+
+    def cond_embed(self, labels_b: jax.Array) -> jax.Array:
+        """Class labels `[B]` (num_classes = null) -> condition `[B, C]`."""
+        return self.class_emb(labels_b)
+
+    def first_tokens(self, cond_bd: jax.Array) -> jax.Array:
+        """The start tokens `[B, first_l, C]` of scale 0."""
+        return cond_bd[:, None] + self.pos_start[None] + self.level_pos()[None, : self.config.first_l]
+
+    def embed_scale(self, x_blcv: jax.Array, si: int) -> jax.Array:
+        """Next-scale input `[B, p_si^2, Cvae]` -> tokens `[B, p_si^2, C]` with their scale/position embeddings."""
+        begin, end = self.config.scale_bounds[si]
+        return self.word_embed(x_blcv.astype(jnp.float32)) + self.level_pos()[None, begin:end]
+
+    def trunk(self, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None, train: bool = False):
+        """The blocks and the head: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, per-block (k, v))."""
+        cond = cond_bd
+        if self.config.shared_aln:
+            cond = self.shared_ada_lin(nn.silu(cond_bd)).reshape(-1, 6, self.config.embed_dim)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x_blc, kv = block(x_blc, cond, mask_ll, None if caches is None else caches[i], train)
+            new_caches.append(kv)
+        logits = self.head(self.head_nm(x_blc, cond_bd))
+        return logits.astype(jnp.float32), new_caches
+
+    def decode_scale(self, x_blc: jax.Array, cond_bd: jax.Array, caches: KVCache | None):
+        """One sampling step: this scale's tokens attend to the cache and themselves (no mask needed)."""
+        return self.trunk(x_blc, cond_bd, None, caches)
+
+    def __call__(self, labels_b: jax.Array, x_blcv: jax.Array, train: bool = False) -> jax.Array:
+        c = self.config
+        want = (c.seq_len - c.first_l, c.z_channels)
+        if x_blcv.ndim != 3 or tuple(x_blcv.shape[1:]) != want:
+            raise ValueError(f"NextScaleTransformer expects teacher-forcing input [B, {want[0]}, {want[1]}] for "
+                             f"patch_nums {c.patch_nums}, got {tuple(x_blcv.shape)}")
+        if train and c.cond_drop_rate > 0:
+            drop = jax.random.bernoulli(self.make_rng("dropout"), c.cond_drop_rate, labels_b.shape)
+            labels_b = jnp.where(drop, c.num_classes, labels_b)
+        cond = self.cond_embed(labels_b)
+        sos = cond[:, None] + self.pos_start[None]
+        x = jnp.concatenate([sos, self.word_embed(x_blcv.astype(jnp.float32))], axis=1) + self.level_pos()[None]
+        logits, _ = self.trunk(x, cond, scale_causal_mask(c.patch_nums), None, train)
+        return logits

@@ -1,0 +1,120 @@
+"""VAR's multi-scale residual VQVAE: conv encoder -> quant_conv -> multi-scale quantizer -> post_quant_conv -> decoder.
+
+Images are NHWC `[B, H, W, 3]` in [-1, 1]; the latent is `[B, P, P, z_channels]` with P = patch_nums[-1] and
+H = W = P * 2^(len(ch_mult) - 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
+from jaxgen.models.tokenizers.quantizers import MultiScaleResidualQuantizer
+
+
+@dataclasses.dataclass(frozen=True)
+class MSVQConfig:
+    """Hyper-parameters of the multi-scale VQVAE (defaults: the released `vae_ch160v4096z32`)."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    quant_conv_ks: int = 3
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+    default_qresi_counts: int = 0
+    using_znorm: bool = False
+    beta: float = 0.25
+    dtype: str = "float32"  # compute dtype of the conv nets (params stay float32)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        if bad:
+            raise ValueError(f"MSVQConfig: every channel count must be a multiple of 32 (GroupNorm has 32 groups); "
+                             f"ch={self.ch} with ch_mult={self.ch_mult} gives {bad}")
+        if list(self.patch_nums) != sorted(self.patch_nums):
+            raise ValueError(f"MSVQConfig: patch_nums must increase, got {self.patch_nums}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MSVQConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"MSVQConfig: unknown fields {unknown}; known: {sorted(fields)}")
+        return cls(**d)
+
+
+class MultiScaleVQVAE(nn.Module):
+    config: MSVQConfig
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.z_channels, dtype=dtype)
+        self.decoder = Decoder(c.ch, c.ch_mult, c.num_res_blocks, dtype=dtype)
+        self.quant_conv = conv(c.z_channels, c.quant_conv_ks)
+        self.post_quant_conv = conv(c.z_channels, c.quant_conv_ks)
+        self.quantize = MultiScaleResidualQuantizer(
+            c.vocab_size, c.z_channels, c.patch_nums, c.quant_resi, c.share_quant_resi,
+            c.default_qresi_counts, c.using_znorm, c.beta)
+
+    def check_image(self, img_bhwc: jax.Array) -> None:
+        s = self.config.image_size
+        if img_bhwc.ndim != 4 or tuple(img_bhwc.shape[1:]) != (s, s, 3):
+            raise ValueError(
+                f"MultiScaleVQVAE expects images [B, {s}, {s}, 3] (patch_nums[-1]={self.config.patch_nums[-1]} x "
+                f"downsample {self.config.downsample}), got {tuple(img_bhwc.shape)}; resize the images or use a "
+                f"config whose patch_nums end at {img_bhwc.shape[1] // self.config.downsample if img_bhwc.ndim == 4 else '?'}")
+
+    def encode(self, img_bhwc: jax.Array) -> jax.Array:
+        """Image `[B, H, W, 3]` -> f = quant_conv(encoder(img)) `[B, P, P, Cvae]` (float32)."""
+        self.check_image(img_bhwc)
+        return self.quant_conv(self.encoder(img_bhwc).astype(jnp.float32))
+
+    def img_to_indices(self, img_bhwc: jax.Array) -> list[jax.Array]:
+        """Image -> per-scale token ids, a list of `[B, p*p]` int32."""
+        return self.quantize.quantize(self.encode(img_bhwc))[0]
+
+    def fhat_to_img(self, f_hat: jax.Array) -> jax.Array:
+        """f_hat `[B, P, P, Cvae]` -> raw decoder output `[B, H, W, 3]` (not clamped)."""
+        return self.decoder(self.post_quant_conv(f_hat)).astype(jnp.float32)
+
+    def indices_to_img(self, indices: Sequence[jax.Array]) -> jax.Array:
+        """Per-scale ids -> reconstruction `[B, H, W, 3]` clamped to [-1, 1]."""
+        return jnp.clip(self.fhat_to_img(self.quantize.indices_to_fhat(indices)), -1.0, 1.0)
+
+    def teacher_forcing_input(self, indices: Sequence[jax.Array]) -> jax.Array:
+        """Per-scale ids -> VAR's teacher-forcing input `[B, L - p_0^2, Cvae]`."""
+        return self.quantize.teacher_forcing_input(indices)
+
+    def next_autoregressive_input(self, si: int, f_hat: jax.Array, h_bhwc: jax.Array):
+        """See `MultiScaleResidualQuantizer.next_autoregressive_input`."""
+        return self.quantize.next_autoregressive_input(si, f_hat, h_bhwc)
+
+    def codebook(self) -> jax.Array:
+        """The code vectors `[V, Cvae]`."""
+        return self.quantize.embedding.embedding
+
+    def __call__(self, img_bhwc: jax.Array) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+        """Training forward: (raw reconstruction `[B, H, W, 3]`, VQ loss, per-scale ids)."""
+        f_hat, vq_loss, indices = self.quantize(self.encode(img_bhwc))
+        return self.fhat_to_img(f_hat), vq_loss, indices
