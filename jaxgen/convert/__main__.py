@@ -1,0 +1,67 @@
+"""Convert official checkpoints into a jaxgen Orbax checkpoint.
+
+    python -m jaxgen.convert var --vae vae_ch160v4096z32.pth --var var_d16.pth --out DIR [--config SPEC]
+
+Without --config the model sizes are read off the checkpoint itself (depth, width, heads, classes, patch_nums from
+the `lvl_1L` buffer). The output loads with `jaxgen.train.checkpoint.load_pretrained` and samples with
+`python -m jaxgen.sample --config=... --checkpoint=DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from jaxgen.config_util import load_config
+from jaxgen.convert.common import ConversionError, load_state_dict
+from jaxgen.convert.var import (
+    convert_var,
+    convert_vqvae,
+    infer_var_config,
+    infer_vqvae_config,
+    patch_nums_from_levels,
+)
+from jaxgen.models.registry import build_var
+from jaxgen.train.checkpoint import save_pretrained
+
+
+def convert_var_family(args) -> int:
+    vae_sd, var_sd = load_state_dict(args.vae), load_state_dict(args.var)
+    if args.config:
+        cfg = load_config(args.config)
+        vae, var = build_var(cfg.vae, cfg.var)
+        vae_cfg, var_cfg = vae.config, var.config
+    else:
+        if "lvl_1L" not in var_sd:
+            raise ConversionError("the VAR state_dict has no lvl_1L buffer to read patch_nums from; pass --config")
+        patch_nums = patch_nums_from_levels(var_sd["lvl_1L"])
+        vae_cfg = infer_vqvae_config({k: v.shape for k, v in vae_sd.items()}, patch_nums)
+        var_cfg = infer_var_config({k: v.shape for k, v in var_sd.items()}, patch_nums=patch_nums)
+        print(f"read off the checkpoints: VQVAE {vae_cfg}\nVAR {var_cfg}")
+    params = {"vae": convert_vqvae(vae_sd, vae_cfg), "var": convert_var(var_sd, var_cfg)}
+    config = {"family": "var", "vae": dataclasses.asdict(vae_cfg), "var": dataclasses.asdict(var_cfg)}
+    out = save_pretrained(args.out, params, config)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxgen.convert", description=__doc__.split("\n")[1])
+    sub = parser.add_subparsers(dest="family", required=True)
+    p = sub.add_parser("var", help="FoundationVision/VAR: VQVAE + VAR transformer")
+    p.add_argument("--vae", required=True, help="VQVAE state_dict (.pth / .npz / .safetensors)")
+    p.add_argument("--var", required=True, help="VAR transformer state_dict (.pth / .npz / .safetensors)")
+    p.add_argument("--out", required=True, help="output directory (Orbax checkpoint + config.json)")
+    p.add_argument("--config", default="", help="configs/NAME.py:variant (default: read sizes off the files)")
+    p.set_defaults(run=convert_var_family)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConversionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Config sections -> model modules. Modules get explicit dataclass configs, never the whole run config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jaxgen.models.generators.next_scale import NextScaleConfig, NextScaleTransformer
+from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def build_var(vae_section: Mapping, var_section: Mapping) -> tuple[MultiScaleVQVAE, NextScaleTransformer]:
+    """Build the VQVAE and the VAR transformer; the transformer's vocab / z_channels / patch_nums come from the
+    VQVAE section unless given, and must agree with it."""
+    vae_cfg = MSVQConfig.from_dict(_plain(vae_section))
+    var_kw = _plain(var_section)
+    for field, value in (("vocab_size", vae_cfg.vocab_size), ("z_channels", vae_cfg.z_channels),
+                         ("patch_nums", vae_cfg.patch_nums)):
+        if var_kw.setdefault(field, value) != value:
+            raise ValueError(f"config: var.{field}={var_kw[field]} disagrees with vae.{field}={value}; "
+                             f"the transformer must match its tokenizer")
+    return MultiScaleVQVAE(vae_cfg), NextScaleTransformer(NextScaleConfig.from_dict(var_kw))
