@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from jaxgen.convert.common import count_params
 from jaxgen.eval.grids import save_grid
-from jaxgen.models.registry import build_var
+from jaxgen.models.registry import build_var, init_params
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 from jaxgen.train.checkpoint import load_pretrained
 
@@ -39,8 +39,8 @@ def init_or_load_var(config):
                     "var": jax.eval_shape(var.init, key_var, jnp.zeros((1,), jnp.int32), x_tf)["params"]}
         _, params = load_pretrained(config.checkpoint, expected)
         return vae, var, params["vae"], params["var"]
-    vae_params = jax.jit(vae.init)(key_vae, jnp.zeros((1, s, s, 3)))["params"]
-    var_params = jax.jit(var.init)(key_var, jnp.zeros((1,), jnp.int32), x_tf)["params"]
+    vae_params = init_params(vae, key_vae, jnp.zeros((1, s, s, 3)))
+    var_params = init_params(var, key_var, jnp.zeros((1,), jnp.int32), x_tf)
     return vae, var, vae_params, var_params
 
 

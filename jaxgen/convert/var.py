@@ -124,8 +124,9 @@ def convert_var(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -
     steps = plan_var({k: v.shape for k, v in state_dict.items()}, config)
     if "lvl_1L" in state_dict and not np.array_equal(np.asarray(state_dict["lvl_1L"]).reshape(-1),
                                                      level_ids(config.patch_nums)):
-        raise ConversionError(f"lvl_1L says patch_nums {patch_nums_from_levels(state_dict['lvl_1L'])}, "
-                              f"config has {config.patch_nums}")
+        counts = np.bincount(np.asarray(state_dict["lvl_1L"]).reshape(-1)).tolist()
+        raise ConversionError(f"the checkpoint's lvl_1L has {counts} tokens per scale, but config patch_nums "
+                              f"{config.patch_nums} need {[p * p for p in config.patch_nums]}")
     nonzero = [k for k, v in state_dict.items() if k.endswith("attn.zero_k_bias") and np.any(v)]
     if nonzero:
         raise ConversionError(f"zero_k_bias must be all zeros (VAR's key bias is fixed at 0): {nonzero[:4]}")
