@@ -15,12 +15,31 @@ def get_config(arg: str = "d16") -> ml_collections.ConfigDict:
     patch_nums = PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
-    cfg.vae = dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                   patch_nums=patch_nums, quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4, using_znorm=False,
-                   beta=0.25)
-    cfg.var = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, num_classes=1000, mlp_ratio=4.0,
-                   norm_eps=1e-6, shared_aln=depth == 36, attn_l2_norm=True, cond_drop_rate=0.1,
-                   drop_path_rate=0.1 * depth / 24)
+    cfg.vae = dict(
+        vocab_size=4096,
+        z_channels=32,
+        ch=160,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        patch_nums=patch_nums,
+        quant_conv_ks=3,
+        quant_resi=0.5,
+        share_quant_resi=4,
+        using_znorm=False,
+        beta=0.25,
+    )
+    cfg.var = dict(
+        depth=depth,
+        embed_dim=64 * depth,
+        num_heads=depth,
+        num_classes=1000,
+        mlp_ratio=4.0,
+        norm_eps=1e-6,
+        shared_aln=depth == 36,
+        attn_l2_norm=True,
+        cond_drop_rate=0.1,
+        drop_path_rate=0.1 * depth / 24,
+    )
     cfg.sampling = dict(cfg=1.5, top_k=900, top_p=0.96, temperature=1.0, more_smooth=False)
     cfg.grid = dict(classes=(207, 360, 387, 974, 88, 979, 417, 279), per_class=4)
     cfg.checkpoint = ""  # a directory written by `python -m jaxgen.convert var ...`

@@ -8,11 +8,31 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
-    cfg.vae = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                   patch_nums=(1, 2, 3, 4), quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4,
-                   using_znorm=False, beta=0.25)
-    cfg.var = dict(depth=2, embed_dim=64, num_heads=4, num_classes=10, mlp_ratio=4.0, norm_eps=1e-6,
-                   shared_aln=False, attn_l2_norm=True, cond_drop_rate=0.1, drop_path_rate=0.0)
+    cfg.vae = dict(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        patch_nums=(1, 2, 3, 4),
+        quant_conv_ks=3,
+        quant_resi=0.5,
+        share_quant_resi=4,
+        using_znorm=False,
+        beta=0.25,
+    )
+    cfg.var = dict(
+        depth=2,
+        embed_dim=64,
+        num_heads=4,
+        num_classes=10,
+        mlp_ratio=4.0,
+        norm_eps=1e-6,
+        shared_aln=False,
+        attn_l2_norm=True,
+        cond_drop_rate=0.1,
+        drop_path_rate=0.0,
+    )
     cfg.sampling = dict(cfg=1.5, top_k=16, top_p=0.96, temperature=1.0, more_smooth=False)
     cfg.grid = dict(classes=tuple(range(10)), per_class=4)
     cfg.checkpoint = ""

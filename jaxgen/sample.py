@@ -35,8 +35,10 @@ def init_or_load_var(config):
     x_tf = jnp.zeros((1, var.config.seq_len - var.config.first_l, var.config.z_channels))
     key_vae, key_var = jax.random.split(jax.random.key(config.seed))
     if config.checkpoint:
-        expected = {"vae": jax.eval_shape(vae.init, key_vae, jnp.zeros((1, s, s, 3)))["params"],
-                    "var": jax.eval_shape(var.init, key_var, jnp.zeros((1,), jnp.int32), x_tf)["params"]}
+        expected = {
+            "vae": jax.eval_shape(vae.init, key_vae, jnp.zeros((1, s, s, 3)))["params"],
+            "var": jax.eval_shape(var.init, key_var, jnp.zeros((1,), jnp.int32), x_tf)["params"],
+        }
         _, params = load_pretrained(config.checkpoint, expected)
         return vae, var, params["vae"], params["var"]
     vae_params = init_params(vae, key_vae, jnp.zeros((1, s, s, 3)))
@@ -50,8 +52,7 @@ def sample_grid(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     vae, var, vae_params, var_params = init_or_load_var(config)
-    logging.info("VQVAE %.2fM params, VAR %.2fM params", count_params(vae_params) / 1e6,
-                 count_params(var_params) / 1e6)
+    logging.info("VQVAE %.2fM params, VAR %.2fM params", count_params(vae_params) / 1e6, count_params(var_params) / 1e6)
     classes = tuple(config.grid.classes)
     labels = np.repeat(np.asarray(classes, np.int32), config.grid.per_class)
     sampler = NextScaleSampler(var, vae, NextScaleSampling(**config.sampling.to_dict()))
@@ -60,13 +61,27 @@ def sample_grid(config, workdir: str | Path) -> dict:
     out = sampler(var_params, vae_params, labels, key)
     images = np.asarray(jax.device_get(out.images))
     wall_s = time.perf_counter() - t0  # includes the one compile; experiments/bench_var_sampling.py separates them
-    grid_path = save_grid(images, workdir / "grid.png", nrow=config.grid.per_class,
-                          row_labels=[f"class {c}" for c in classes], scale=max(1, 128 // images.shape[1]))
-    np.savez(workdir / "samples.npz", labels=labels, images=images,
-             **{f"indices_s{k}": np.asarray(i) for k, i in enumerate(out.indices)})
-    report = {"grid": str(grid_path), "num_images": int(len(labels)), "image_size": int(images.shape[1]),
-              "wall_s_with_compile": round(wall_s, 3), "checkpoint": config.checkpoint or None,
-              "device": jax.devices()[0].device_kind}
+    grid_path = save_grid(
+        images,
+        workdir / "grid.png",
+        nrow=config.grid.per_class,
+        row_labels=[f"class {c}" for c in classes],
+        scale=max(1, 128 // images.shape[1]),
+    )
+    np.savez(
+        workdir / "samples.npz",
+        labels=labels,
+        images=images,
+        **{f"indices_s{k}": np.asarray(i) for k, i in enumerate(out.indices)},
+    )
+    report = {
+        "grid": str(grid_path),
+        "num_images": len(labels),
+        "image_size": int(images.shape[1]),
+        "wall_s_with_compile": round(wall_s, 3),
+        "checkpoint": config.checkpoint or None,
+        "device": jax.devices()[0].device_kind,
+    }
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

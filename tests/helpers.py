@@ -21,11 +21,22 @@ VAR_FIXTURE_A = VAR_FIXTURES / "var_fixture_A.npz"
 @functools.lru_cache(maxsize=8)
 def tiny_var(patch_nums=(1, 2, 3, 4), shared_aln=False, num_classes=10, seed=0, **var_kw):
     """A tiny VQVAE (two levels, x2 downsampling) + VAR with random weights: (vae, var, vae_params, var_params)."""
-    vae = MultiScaleVQVAE(MSVQConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                                     patch_nums=patch_nums))
-    var = NextScaleTransformer(NextScaleConfig(
-        vocab_size=32, z_channels=8, num_classes=num_classes, depth=2, embed_dim=64, num_heads=4,
-        patch_nums=patch_nums, shared_aln=shared_aln, **var_kw))
+    vae = MultiScaleVQVAE(
+        MSVQConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=patch_nums)
+    )
+    var = NextScaleTransformer(
+        NextScaleConfig(
+            vocab_size=32,
+            z_channels=8,
+            num_classes=num_classes,
+            depth=2,
+            embed_dim=64,
+            num_heads=4,
+            patch_nums=patch_nums,
+            shared_aln=shared_aln,
+            **var_kw,
+        )
+    )
     s = vae.config.image_size
     x = jnp.zeros((1, var.config.seq_len - var.config.first_l, 8))
     vae_shapes = jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, s, s, 3)))["params"]

@@ -89,8 +89,12 @@ def test_wrong_image_size_is_a_clear_error(model):
 def test_wrong_number_of_token_maps_is_a_clear_error(model):
     vae, params, _ = model
     with pytest.raises(ValueError, match="token maps per scale"):
-        _apply(vae, params, [jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 9), jnp.int32)],
-               method=MultiScaleVQVAE.indices_to_img)
+        _apply(
+            vae,
+            params,
+            [jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 9), jnp.int32)],
+            method=MultiScaleVQVAE.indices_to_img,
+        )
 
 
 def test_config_rejects_channel_counts_groupnorm_cannot_take():

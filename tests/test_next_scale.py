@@ -39,6 +39,7 @@ def test_label_dropout_only_in_training(model):
     evals = [var.apply({"params": params}, labels, x, rngs={"dropout": jax.random.key(i)}) for i in range(2)]
     np.testing.assert_array_equal(evals[0], evals[1])  # eval: labels are never dropped
     import dataclasses
+
     always = type(var)(dataclasses.replace(var.config, cond_drop_rate=1.0))
     dropped = always.apply({"params": params}, labels, x, train=True, rngs={"dropout": jax.random.key(0)})
     null = var.apply({"params": params}, jnp.full((2,), var.config.num_classes), x)
@@ -62,6 +63,7 @@ def test_wrong_input_length_is_a_clear_error(model):
 def test_bf16_compute_stays_close_to_float32(model):
     var, params, x = model
     import dataclasses
+
     bf16 = type(var)(dataclasses.replace(var.config, dtype="bfloat16"))
     a = var.apply({"params": params}, jnp.array([1, 2]), x)
     b = bf16.apply({"params": params}, jnp.array([1, 2]), x)

@@ -38,7 +38,18 @@ def test_image_grid_layout():
 
 
 def test_misspelled_override_names_the_field(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "jaxgen.sample", "--config=configs/var_tiny.py",
-                          "--config.sampling.topk=3", f"--workdir={tmp_path}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxgen.sample",
+            "--config=configs/var_tiny.py",
+            "--config.sampling.topk=3",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0 and "topk" in res.stderr

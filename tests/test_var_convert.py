@@ -45,8 +45,12 @@ def test_released_var_keys_map_onto_the_config(variant):
     assert sum(int(np.prod(shapes[s.key])) for s in steps) == meta["num_parameters"]
     assert var.config.shared_aln == (variant == "d36")
     # The config inferred from the keys alone is the same model.
-    inferred = infer_var_config(shapes, patch_nums=var.config.patch_nums, cond_drop_rate=var.config.cond_drop_rate,
-                                drop_path_rate=var.config.drop_path_rate)
+    inferred = infer_var_config(
+        shapes,
+        patch_nums=var.config.patch_nums,
+        cond_drop_rate=var.config.cond_drop_rate,
+        drop_path_rate=var.config.drop_path_rate,
+    )
     assert inferred == var.config
 
 
@@ -59,6 +63,7 @@ def test_released_vqvae_keys_map_onto_the_config():
     buffer_elems = sum(int(np.prod(shapes[b])) for b in meta["buffers"])
     assert count_params(vqvae_param_shapes(vae.config)) == meta["num_elements"] - buffer_elems
     from jaxgen.models.tokenizers.quantizers import phi_schedule
+
     assert list(phi_schedule(4, 10)) == meta["phi_index_per_scale"] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
@@ -80,6 +85,7 @@ def fixture_state():
 def configs():
     meta = json.loads(VAR_FIXTURE_A.with_suffix(".json").read_text())
     from jaxgen.convert.verify import var_configs_from_fixture
+
     return var_configs_from_fixture(meta)
 
 
@@ -130,20 +136,24 @@ def test_cli_converts_pth_and_npz_to_a_checkpoint_the_sampler_loads(tmp_path, fi
     vae_sd, var_sd = fixture_state
     torch.save({"model": {k: torch.from_numpy(v) for k, v in var_sd.items()}}, tmp_path / "var.pth")
     np.savez(tmp_path / "vae.npz", **vae_sd)
-    rc = convert_cli.main(["var", "--vae", str(tmp_path / "vae.npz"), "--var", str(tmp_path / "var.pth"),
-                           "--out", str(tmp_path / "ckpt")])
+    rc = convert_cli.main(
+        ["var", "--vae", str(tmp_path / "vae.npz"), "--var", str(tmp_path / "var.pth"), "--out", str(tmp_path / "ckpt")]
+    )
     assert rc == 0
     vae_cfg, var_cfg = configs
     config, params = load_pretrained(tmp_path / "ckpt")
     assert config["var"]["depth"] == var_cfg.depth and tuple(config["vae"]["patch_nums"]) == vae_cfg.patch_nums
     # Same weights as converting in memory, and greedy sampling reproduces the official tokens.
     ref_vae = convert_vqvae(vae_sd, vae_cfg)
-    np.testing.assert_array_equal(params["vae"]["quantize"]["embedding"]["embedding"],
-                                  ref_vae["quantize"]["embedding"]["embedding"])
+    np.testing.assert_array_equal(
+        params["vae"]["quantize"]["embedding"]["embedding"], ref_vae["quantize"]["embedding"]["embedding"]
+    )
     from jaxgen.models.generators.next_scale import NextScaleTransformer
     from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
-    sampler = NextScaleSampler(NextScaleTransformer(var_cfg), MultiScaleVQVAE(vae_cfg),
-                               NextScaleSampling(cfg=1.5, top_k=1, top_p=0.0))
+
+    sampler = NextScaleSampler(
+        NextScaleTransformer(var_cfg), MultiScaleVQVAE(vae_cfg), NextScaleSampling(cfg=1.5, top_k=1, top_p=0.0)
+    )
     with np.load(VAR_FIXTURE_A) as f:
         out = sampler(params["var"], params["vae"], f["in/gen_labels"], jax.random.key(0))
         for k, idx in enumerate(out.indices):
@@ -154,18 +164,21 @@ def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path, fixture_stat
     vae_sd, var_sd = fixture_state
     np.savez(tmp_path / "vae.npz", **vae_sd)
     np.savez(tmp_path / "var.npz", **{k: v for k, v in var_sd.items() if k != "head.bias"})
-    rc = convert_cli.main(["var", "--vae", str(tmp_path / "vae.npz"), "--var", str(tmp_path / "var.npz"),
-                           "--out", str(tmp_path / "ckpt")])
+    rc = convert_cli.main(
+        ["var", "--vae", str(tmp_path / "vae.npz"), "--var", str(tmp_path / "var.npz"), "--out", str(tmp_path / "ckpt")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and re.search(r"missing .*head/bias", err) and "Traceback" not in err
 
 
 def test_loading_a_checkpoint_into_another_depth_is_a_clear_error(tmp_path, fixture_state, configs):
     from jaxgen.train.checkpoint import save_pretrained
-    vae_sd, var_sd = fixture_state
-    vae_cfg, var_cfg = configs
+
+    _, var_sd = fixture_state
+    _, var_cfg = configs
     save_pretrained(tmp_path / "ckpt", {"var": convert_var(var_sd, var_cfg)}, {"family": "var"})
     import dataclasses
+
     deeper = var_param_shapes(dataclasses.replace(var_cfg, depth=3))
     with pytest.raises(ValueError, match=r"missing: \['var/blocks_2"):
         load_pretrained(tmp_path / "ckpt", {"var": deeper})

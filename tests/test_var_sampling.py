@@ -26,8 +26,9 @@ def _teacher_forced_logits(vae, var, vae_params, var_params, labels, indices):
 @pytest.mark.parametrize("kw", [dict(), dict(shared_aln=True), dict(attn_l2_norm=False, patch_nums=(1, 2, 4, 6))])
 def test_kv_cache_logits_equal_teacher_forced_logits(kw):
     vae, var, vae_params, var_params = tiny_var(**kw)
-    sampler = NextScaleSampler(var, vae, NextScaleSampling(cfg=2.0, top_k=8, top_p=0.9, temperature=1.3,
-                                                           return_logits=True))
+    sampler = NextScaleSampler(
+        var, vae, NextScaleSampling(cfg=2.0, top_k=8, top_p=0.9, temperature=1.3, return_logits=True)
+    )
     labels = jnp.array([3, 0, 9, 10])  # 10 = the null class
     out = sampler(var_params, vae_params, labels, jax.random.key(1))
     cached = jnp.concatenate(out.head_logits, axis=1)
@@ -67,7 +68,8 @@ def test_one_compile_for_many_calls_and_keys_change_samples():
 def test_more_smooth_gumbel_path_gives_finite_images():
     vae, var, vae_params, var_params = tiny_var()
     out = NextScaleSampler(var, vae, NextScaleSampling(more_smooth=True, top_k=8))(
-        var_params, vae_params, [0, 1], jax.random.key(2))
+        var_params, vae_params, [0, 1], jax.random.key(2)
+    )
     assert np.isfinite(np.asarray(out.images)).all() and out.images.shape == (2, 8, 8, 3)
 
 

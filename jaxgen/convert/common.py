@@ -53,7 +53,8 @@ def unwrap_state_dict(obj: Any, wrappers: Iterable[str] = WRAPPER_KEYS) -> dict[
         if not hits:
             raise ConversionError(
                 f"unknown checkpoint wrapper with keys {sorted(obj)[:10]}: expected a state_dict (name -> tensor) or "
-                f"one wrapped under {list(wrappers)}; extract the state_dict and save it with torch.save")
+                f"one wrapped under {list(wrappers)}; extract the state_dict and save it with torch.save"
+            )
         obj = obj[hits[0]]
     if not isinstance(obj, Mapping):
         raise ConversionError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
@@ -95,14 +96,16 @@ def load_state_dict(path: str | Path, prefix: str = "") -> dict[str, np.ndarray]
         try:
             import torch
         except ImportError as e:
-            raise ConversionError(f"reading {path.name} needs PyTorch: pip install -e '.[torch]' "
-                                  f"(or convert the file to .npz / .safetensors first)") from e
+            raise ConversionError(
+                f"reading {path.name} needs PyTorch: pip install -e '.[torch]' "
+                f"(or convert the file to .npz / .safetensors first)"
+            ) from e
         sd = unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
         raise ConversionError(f"unsupported checkpoint format {suffix!r} ({path}); use .pth, .npz or .safetensors")
     sd = {k: _to_numpy(v) for k, v in sd.items()}
     if prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
             raise ConversionError(f"{path} has no keys under prefix {prefix!r}")
     return sd
@@ -130,8 +133,8 @@ def _plan_one(key: str, shape: tuple[int, ...], path: Path_, expected: Mapping[P
     """Pick the target leaf and transform for one tensor; return an error string when it does not fit."""
     if path[-1] == "weight":
         for leaf in ("kernel", "scale", "embedding"):
-            if path[:-1] + (leaf,) in expected:
-                path = path[:-1] + (leaf,)
+            if (*path[:-1], leaf) in expected:
+                path = (*path[:-1], leaf)
                 break
     if path not in expected:
         return "unexpected"
@@ -151,8 +154,9 @@ def _plan_one(key: str, shape: tuple[int, ...], path: Path_, expected: Mapping[P
     return Step(key, path, transform, want)
 
 
-def plan_conversion(shapes: Mapping[str, tuple[int, ...]], expected_tree: Any, keymap: KeyMap,
-                    what: str = "checkpoint", hint: str = "") -> list[Step]:
+def plan_conversion(
+    shapes: Mapping[str, tuple[int, ...]], expected_tree: Any, keymap: KeyMap, what: str = "checkpoint", hint: str = ""
+) -> list[Step]:
     """Match every PyTorch key (by shape only) to a leaf of `expected_tree` (e.g. from `jax.eval_shape`).
 
     Raises `ConversionError` naming every missing, unexpected and mis-shaped key.
@@ -178,9 +182,11 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], expected_tree: Any, k
 
 def _report(what, missing, unexpected, misshaped, hint, limit: int = 12) -> str:
     lines = [f"{what} does not match the model config:"]
-    for name, items in (("missing (the config has them, the checkpoint does not)", missing),
-                        ("unexpected (in the checkpoint, not in the config)", unexpected),
-                        ("mis-shaped", misshaped)):
+    for name, items in (
+        ("missing (the config has them, the checkpoint does not)", missing),
+        ("unexpected (in the checkpoint, not in the config)", unexpected),
+        ("mis-shaped", misshaped),
+    ):
         if items:
             more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
             lines.append(f"  {len(items)} {name}: " + "; ".join(items[:limit]) + more)
@@ -206,8 +212,9 @@ def apply_plan(steps: list[Step], state_dict: Mapping[str, np.ndarray], dtype=np
     return traverse_util.unflatten_dict(flat)
 
 
-def convert(state_dict: Mapping[str, np.ndarray], expected_tree: Any, keymap: KeyMap, what: str = "checkpoint",
-            hint: str = "") -> dict:
+def convert(
+    state_dict: Mapping[str, np.ndarray], expected_tree: Any, keymap: KeyMap, what: str = "checkpoint", hint: str = ""
+) -> dict:
     """`plan_conversion` + `apply_plan`."""
     steps = plan_conversion({k: v.shape for k, v in state_dict.items()}, expected_tree, keymap, what, hint)
     return apply_plan(steps, state_dict)

@@ -40,8 +40,7 @@ def vqvae_param_shapes(config: MSVQConfig):
 
 def var_param_shapes(config: NextScaleConfig):
     x = jnp.zeros((1, config.seq_len - config.first_l, config.z_channels))
-    return jax.eval_shape(NextScaleTransformer(config).init, jax.random.key(0), jnp.zeros((1,), jnp.int32), x)[
-        "params"]
+    return jax.eval_shape(NextScaleTransformer(config).init, jax.random.key(0), jnp.zeros((1,), jnp.int32), x)["params"]
 
 
 # ---- config inference (for messages and for configs-from-checkpoint) --------------------------------------------
@@ -55,8 +54,11 @@ def infer_var_config(shapes: Mapping[str, tuple], **overrides) -> NextScaleConfi
     try:
         width, cvae = shapes["word_embed.weight"]
         kw = dict(
-            depth=_num_blocks(shapes, r"blocks\.(\d+)\."), embed_dim=int(width), z_channels=int(cvae),
-            num_classes=int(shapes["class_emb.weight"][0]) - 1, vocab_size=int(shapes["head.weight"][0]),
+            depth=_num_blocks(shapes, r"blocks\.(\d+)\."),
+            embed_dim=int(width),
+            z_channels=int(cvae),
+            num_classes=int(shapes["class_emb.weight"][0]) - 1,
+            vocab_size=int(shapes["head.weight"][0]),
             shared_aln="shared_ada_lin.1.weight" in shapes,
             attn_l2_norm="blocks.0.attn.scale_mul_1H11" in shapes,
             mlp_ratio=int(shapes["blocks.0.ffn.fc1.weight"][0]) / int(width),
@@ -72,7 +74,7 @@ def infer_var_config(shapes: Mapping[str, tuple], **overrides) -> NextScaleConfi
 def patch_nums_from_levels(lvl_1l: np.ndarray) -> tuple[int, ...]:
     """The `lvl_1L` buffer (scale id per token) -> patch_nums."""
     counts = np.bincount(np.asarray(lvl_1l).reshape(-1))
-    pn = [int(round(c**0.5)) for c in counts]
+    pn = [round(c**0.5) for c in counts]
     if any(p * p != c for p, c in zip(pn, counts, strict=True)):
         raise ConversionError(f"lvl_1L has per-scale counts {counts.tolist()}, which are not squares")
     return tuple(pn)
@@ -89,10 +91,16 @@ def infer_vqvae_config(shapes: Mapping[str, tuple], patch_nums, **overrides) -> 
         raise ConversionError(f"not a VAR VQVAE state_dict: key {e} is missing") from e
     n_phi = _num_blocks(shapes, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")
     share = n_phi if n_phi else (1 if "quantize.quant_resi.qresi.weight" in shapes else 0)
-    kw = dict(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult,
-              num_res_blocks=_num_blocks(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
-              quant_conv_ks=int(shapes["quant_conv.weight"][-1]), share_quant_resi=share,
-              patch_nums=tuple(patch_nums))
+    kw = dict(
+        vocab_size=vocab,
+        z_channels=z,
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=_num_blocks(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+        quant_conv_ks=int(shapes["quant_conv.weight"][-1]),
+        share_quant_resi=share,
+        patch_nums=tuple(patch_nums),
+    )
     if share == 0:
         kw["default_qresi_counts"] = _num_blocks(shapes, r"quantize\.quant_resi\.(\d+)\.")
     kw.update(overrides)
@@ -104,8 +112,10 @@ def _var_hint(shapes, config: NextScaleConfig) -> str:
     depth = _num_blocks(shapes, r"blocks\.(\d+)\.")
     width = shapes.get("word_embed.weight", (None,))[0]
     if depth and (depth != config.depth or width != config.embed_dim):
-        return (f"the checkpoint is a VAR-d{depth} (width {width}) but the config is depth {config.depth} "
-                f"(width {config.embed_dim}): use configs/var_imagenet.py:d{depth} or the matching checkpoint")
+        return (
+            f"the checkpoint is a VAR-d{depth} (width {width}) but the config is depth {config.depth} "
+            f"(width {config.embed_dim}): use configs/var_imagenet.py:d{depth} or the matching checkpoint"
+        )
     return ""
 
 
@@ -122,11 +132,14 @@ def plan_vqvae(shapes: Mapping[str, tuple], config: MSVQConfig):
 def convert_var(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -> dict:
     """VAR state_dict (numpy, PyTorch names) -> jaxgen `params` of `NextScaleTransformer(config)`."""
     steps = plan_var({k: v.shape for k, v in state_dict.items()}, config)
-    if "lvl_1L" in state_dict and not np.array_equal(np.asarray(state_dict["lvl_1L"]).reshape(-1),
-                                                     level_ids(config.patch_nums)):
+    if "lvl_1L" in state_dict and not np.array_equal(
+        np.asarray(state_dict["lvl_1L"]).reshape(-1), level_ids(config.patch_nums)
+    ):
         counts = np.bincount(np.asarray(state_dict["lvl_1L"]).reshape(-1)).tolist()
-        raise ConversionError(f"the checkpoint's lvl_1L has {counts} tokens per scale, but config patch_nums "
-                              f"{config.patch_nums} need {[p * p for p in config.patch_nums]}")
+        raise ConversionError(
+            f"the checkpoint's lvl_1L has {counts} tokens per scale, but config patch_nums "
+            f"{config.patch_nums} need {[p * p for p in config.patch_nums]}"
+        )
     nonzero = [k for k, v in state_dict.items() if k.endswith("attn.zero_k_bias") and np.any(v)]
     if nonzero:
         raise ConversionError(f"zero_k_bias must be all zeros (VAR's key bias is fixed at 0): {nonzero[:4]}")

@@ -25,10 +25,30 @@ from jaxgen.models.generators.next_scale import NextScaleConfig, NextScaleTransf
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 
-_VAE_CTOR_FIELDS = ("vocab_size", "z_channels", "ch", "quant_conv_ks", "quant_resi", "share_quant_resi",
-                    "default_qresi_counts", "using_znorm", "beta")
-_VAR_CTOR_FIELDS = ("num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "norm_eps", "shared_aln",
-                    "attn_l2_norm", "patch_nums", "cond_drop_rate", "drop_path_rate")
+_VAE_CTOR_FIELDS = (
+    "vocab_size",
+    "z_channels",
+    "ch",
+    "quant_conv_ks",
+    "quant_resi",
+    "share_quant_resi",
+    "default_qresi_counts",
+    "using_znorm",
+    "beta",
+)
+_VAR_CTOR_FIELDS = (
+    "num_classes",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "mlp_ratio",
+    "norm_eps",
+    "shared_aln",
+    "attn_l2_norm",
+    "patch_nums",
+    "cond_drop_rate",
+    "drop_path_rate",
+)
 
 
 def var_configs_from_fixture(meta: dict) -> tuple[MSVQConfig, NextScaleConfig]:
@@ -81,10 +101,12 @@ def run_var_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
 
     # Sampling.
     s = meta["sampling"]
-    settings = NextScaleSampling(cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"], more_smooth=s["more_smooth"],
-                                 return_logits=True)
-    sample = NextScaleSampler(var, vae, settings)(var_p["params"], vae_p["params"], gen_labels,
-                                                  jax.random.key(s.get("g_seed") or 0))
+    settings = NextScaleSampling(
+        cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"], more_smooth=s["more_smooth"], return_logits=True
+    )
+    sample = NextScaleSampler(var, vae, settings)(
+        var_p["params"], vae_p["params"], gen_labels, jax.random.key(s.get("g_seed") or 0)
+    )
     for k, (i, lg) in enumerate(zip(sample.indices, sample.head_logits, strict=True)):
         out[f"infer_idx_s{k}"] = np.asarray(i, np.int64)
         out[f"infer_head_logits_s{k}"] = np.asarray(lg)
@@ -122,8 +144,11 @@ def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], atol:
         else:
             diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
             worst = float(np.max(diff / np.maximum(1.0, np.abs(ref)))) if diff.size else 0.0
-            report[name] = {"ok": worst <= atol, "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-                            "max_scaled_diff": worst}
+            report[name] = {
+                "ok": worst <= atol,
+                "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+                "max_scaled_diff": worst,
+            }
         ok &= report[name]["ok"]
     return ok, report
 
@@ -146,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump:
         dtypes = {k: v.dtype for k, v in reference.items()}
         np.savez(args.dump, **{f"out/{k}": np.asarray(v, dtypes.get(k, v.dtype)) for k, v in ours.items()})
-    print(json.dumps({"fixture": str(args.fixture), "family": args.family, "ok": ok, "atol": args.atol,
-                      "outputs": report}, indent=1))
+    print(
+        json.dumps(
+            {"fixture": str(args.fixture), "family": args.family, "ok": ok, "atol": args.atol, "outputs": report},
+            indent=1,
+        )
+    )
     return 0 if ok else 1
 
 

@@ -17,12 +17,13 @@ def image_grid(images_nhwc: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.float32)
     for i, img in enumerate(images):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
     return (grid * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_grid(images_nhwc: np.ndarray, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None,
-              scale: int = 1) -> Path:
+def save_grid(
+    images_nhwc: np.ndarray, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None, scale: int = 1
+) -> Path:
     """Write a grid PNG; `row_labels` (one per row, e.g. the class) are drawn in a margin on the left."""
     grid = Image.fromarray(image_grid(images_nhwc, nrow))
     if scale > 1:

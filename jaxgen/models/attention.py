@@ -11,8 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def dot_product_attention(q_bhld: jax.Array, k_bhld: jax.Array, v_bhld: jax.Array, *,
-                          mask_ll: np.ndarray | jax.Array | None = None, scale: float = 1.0) -> jax.Array:
+def dot_product_attention(
+    q_bhld: jax.Array,
+    k_bhld: jax.Array,
+    v_bhld: jax.Array,
+    *,
+    mask_ll: np.ndarray | jax.Array | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
     """softmax(scale * q k^T + mask) v -> `[B, H, Lq, D]` in the dtype of `v`."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhld, k_bhld, preferred_element_type=jnp.float32) * scale
     if mask_ll is not None:

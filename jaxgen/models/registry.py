@@ -21,11 +21,16 @@ def build_var(vae_section: Mapping, var_section: Mapping) -> tuple[MultiScaleVQV
     VQVAE section unless given, and must agree with it."""
     vae_cfg = MSVQConfig.from_dict(_plain(vae_section))
     var_kw = _plain(var_section)
-    for field, value in (("vocab_size", vae_cfg.vocab_size), ("z_channels", vae_cfg.z_channels),
-                         ("patch_nums", vae_cfg.patch_nums)):
+    for field, value in (
+        ("vocab_size", vae_cfg.vocab_size),
+        ("z_channels", vae_cfg.z_channels),
+        ("patch_nums", vae_cfg.patch_nums),
+    ):
         if var_kw.setdefault(field, value) != value:
-            raise ValueError(f"config: var.{field}={var_kw[field]} disagrees with vae.{field}={value}; "
-                             f"the transformer must match its tokenizer")
+            raise ValueError(
+                f"config: var.{field}={var_kw[field]} disagrees with vae.{field}={value}; "
+                f"the transformer must match its tokenizer"
+            )
     return MultiScaleVQVAE(vae_cfg), NextScaleTransformer(NextScaleConfig.from_dict(var_kw))
 
 

@@ -6,31 +6,46 @@ import jax
 import jax.numpy as jnp
 
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Keep logits >= the k-th largest (ties kept), set the rest to -inf. k <= 0 or k >= V: unchanged."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """Nucleus filter: drop the least likely tokens whose cumulative probability is <= 1 - p (the most likely token
-    always survives). p <= 0: unchanged."""
-    if p <= 0.0:
-        return logits
-    ascending = jnp.sort(logits, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    n_drop = jnp.sum(cum[..., :-1] <= 1.0 - p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(ascending, n_drop, axis=-1)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+def _nucleus_keep(desc: jax.Array, p: float) -> jax.Array:
+    """For logits sorted in descending order `[..., K]`: True where a token survives top-p, i.e. where the probability
+    of the tokens ranked above it is < p (equivalently, it is not among the least likely tokens whose cumulative
+    probability is <= 1 - p). The most likely token always survives."""
+    probs = jax.nn.softmax(desc, axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs
+    return above < p
 
 
 def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
-    """Temperature, then top-k, then top-p."""
+    """Temperature, then top-k (keep logits >= the k-th largest, ties kept), then top-p over what is left; removed
+    logits become -inf. `top_k` <= 0 or >= V and `top_p` <= 0 switch the filters off.
+
+    Both filters reduce to one threshold per row, read off the k best logits from `lax.top_k` (already sorted), so a
+    full sort of the vocabulary is needed only for top-p without top-k (sorting 4096 logits is ~4x slower than
+    `top_k(900)` on CPU).
+    """
     if temperature != 1.0:
         logits = logits / temperature
-    return top_p_filter(top_k_filter(logits, top_k), top_p)
+    vocab = logits.shape[-1]
+    use_k = 0 < top_k < vocab
+    if not use_k and top_p <= 0.0:
+        return logits
+    desc = jax.lax.top_k(logits, top_k)[0] if use_k else jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    if top_p > 0.0:
+        n_keep = jnp.sum(_nucleus_keep(desc, top_p), axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+    else:
+        threshold = desc[..., -1:]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep logits >= the k-th largest (ties kept), the rest -inf."""
+    return filter_logits(logits, top_k=k)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus filter alone (see `filter_logits`)."""
+    return filter_logits(logits, top_p=p)
 
 
 def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:

@@ -41,8 +41,15 @@ class NextScaleSample:
     head_logits: tuple[jax.Array, ...] | None = None  # per scale: float32 [2B, p_k^2, V] (rows B.. are null class)
 
 
-def sample_next_scale(var: NextScaleTransformer, vae: MultiScaleVQVAE, settings: NextScaleSampling,
-                      var_params, vae_params, labels_b: jax.Array, key: jax.Array) -> NextScaleSample:
+def sample_next_scale(
+    var: NextScaleTransformer,
+    vae: MultiScaleVQVAE,
+    settings: NextScaleSampling,
+    var_params,
+    vae_params,
+    labels_b: jax.Array,
+    key: jax.Array,
+) -> NextScaleSample:
     """The whole generation for labels `[B]` (traceable; `NextScaleSampler` jits it)."""
     c = var.config
     num_scales = len(c.patch_nums)
@@ -62,8 +69,7 @@ def sample_next_scale(var: NextScaleTransformer, vae: MultiScaleVQVAE, settings:
         if settings.return_logits:
             head_logits.append(logits)
         guided = guide(logits[:b], logits[b:], var_ramp(settings.cfg, si, num_scales))
-        guided = filter_logits(guided, temperature=settings.temperature, top_k=settings.top_k,
-                               top_p=settings.top_p)
+        guided = filter_logits(guided, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         key, draw_key, gumbel_key = jax.random.split(key, 3)
         idx = sample_categorical(draw_key, guided)  # [B, pn^2]
         indices.append(idx)
@@ -81,8 +87,9 @@ def sample_next_scale(var: NextScaleTransformer, vae: MultiScaleVQVAE, settings:
             x = jnp.concatenate([x, x], axis=0)  # [cond; null] share the next-scale input
     decoded = vae_apply(MultiScaleVQVAE.fhat_to_img, f_hat)
     images = (jnp.clip(decoded, -1.0, 1.0) + 1.0) / 2.0
-    return NextScaleSample(tuple(indices), f_hat, decoded, images,
-                           tuple(head_logits) if settings.return_logits else None)
+    return NextScaleSample(
+        tuple(indices), f_hat, decoded, images, tuple(head_logits) if settings.return_logits else None
+    )
 
 
 class NextScaleSampler:
@@ -92,8 +99,10 @@ class NextScaleSampler:
         if tuple(var.config.patch_nums) != tuple(vae.config.patch_nums):
             raise ValueError(f"VAR patch_nums {var.config.patch_nums} != VQVAE patch_nums {vae.config.patch_nums}")
         if (var.config.vocab_size, var.config.z_channels) != (vae.config.vocab_size, vae.config.z_channels):
-            raise ValueError(f"VAR expects a tokenizer with vocab {var.config.vocab_size} and z_channels "
-                             f"{var.config.z_channels}; the VQVAE has {vae.config.vocab_size}, {vae.config.z_channels}")
+            raise ValueError(
+                f"VAR expects a tokenizer with vocab {var.config.vocab_size} and z_channels "
+                f"{var.config.z_channels}; the VQVAE has {vae.config.vocab_size}, {vae.config.z_channels}"
+            )
         self.var, self.vae = var, vae
         self.settings = settings or NextScaleSampling()
         self._fn = jax.jit(lambda vp, ap, labels, key: sample_next_scale(var, vae, self.settings, vp, ap, labels, key))

@@ -27,8 +27,10 @@ def load_pretrained(directory: str | Path, expected: Any | None = None) -> tuple
     shape must match, else a ValueError lists the differences (e.g. a checkpoint of another depth)."""
     directory = Path(directory).absolute()
     if not (directory / "params").is_dir() or not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a jaxgen checkpoint (needs params/ and config.json); make one "
-                                f"with `python -m jaxgen.convert var --vae ... --var ... --out {directory}`")
+        raise FileNotFoundError(
+            f"{directory} is not a jaxgen checkpoint (needs params/ and config.json); make one "
+            f"with `python -m jaxgen.convert var --vae ... --var ... --out {directory}`"
+        )
     config = json.loads((directory / "config.json").read_text())
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / "params")
@@ -45,8 +47,12 @@ def check_tree_shapes(tree: Any, expected: Any, what: str) -> None:
     unexpected = sorted(set(got) - set(want))
     misshaped = [f"{k} {got[k]} (config: {want[k]})" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
     if missing or unexpected or misshaped:
-        parts = [f"{name}: {items[:8]}{' ...' if len(items) > 8 else ''}"
-                 for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                 if items]
-        raise ValueError(f"{what} does not fit the config ({'; '.join(parts)}); was it made for another model "
-                         f"size? Use the config it was written with (see its config.json).")
+        parts = [
+            f"{name}: {items[:8]}{' ...' if len(items) > 8 else ''}"
+            for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if items
+        ]
+        raise ValueError(
+            f"{what} does not fit the config ({'; '.join(parts)}); was it made for another model "
+            f"size? Use the config it was written with (see its config.json)."
+        )

@@ -45,8 +45,9 @@ class NextScaleConfig:
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"NextScaleConfig: embed_dim {self.embed_dim} is not divisible by "
-                             f"num_heads {self.num_heads}")
+            raise ValueError(
+                f"NextScaleConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
 
     @property
     def seq_len(self) -> int:
@@ -87,9 +88,11 @@ def check_labels(labels, num_classes: int, allow_null: bool = True) -> None:
     labels = np.asarray(labels)
     hi = num_classes if allow_null else num_classes - 1
     if labels.size and (labels.min() < 0 or labels.max() > hi):
-        raise ValueError(f"class labels must be in [0, {hi}] ({num_classes} classes"
-                         f"{', plus the null class ' + str(num_classes) if allow_null else ''}); "
-                         f"got min {labels.min()} max {labels.max()}")
+        raise ValueError(
+            f"class labels must be in [0, {hi}] ({num_classes} classes"
+            f"{', plus the null class ' + str(num_classes) if allow_null else ''}); "
+            f"got min {labels.min()} max {labels.max()}"
+        )
 
 
 def next_scale_loss(logits_blv: jax.Array, targets_bl: jax.Array) -> jax.Array:
@@ -104,9 +107,11 @@ def _trunc(std: float):
 
 def _ada_lin_init(std: float, width: int, gamma_gain: float = 1e-5, gain: float = 0.5):
     """AdaLN linear init: gammas (first 2 chunks) near zero so each block starts as the identity."""
+
     def init(key, shape, dtype=jnp.float32):
         w = _trunc(std)(key, shape, dtype)
-        return w.at[:, : 2 * width].multiply(gamma_gain).at[:, 2 * width:].multiply(gain)
+        return w.at[:, : 2 * width].multiply(gamma_gain).at[:, 2 * width :].multiply(gain)
+
     return init
 
 
@@ -122,16 +127,18 @@ class SelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_blc: jax.Array, mask_ll: np.ndarray | None = None,
-                 cache: tuple[jax.Array, jax.Array] | None = None):
-        b, l, c = x_blc.shape
+    def __call__(
+        self, x_blc: jax.Array, mask_ll: np.ndarray | None = None, cache: tuple[jax.Array, jax.Array] | None = None
+    ):
+        b, seq, c = x_blc.shape
         h, hd = self.num_heads, c // self.num_heads
-        qkv = nn.Dense(3 * c, use_bias=False, kernel_init=_trunc(self.init_std), dtype=self.dtype,
-                       name="mat_qkv")(x_blc)
+        qkv = nn.Dense(3 * c, use_bias=False, kernel_init=_trunc(self.init_std), dtype=self.dtype, name="mat_qkv")(
+            x_blc
+        )
         q_bias = self.param("q_bias", nn.initializers.zeros, (c,))
         v_bias = self.param("v_bias", nn.initializers.zeros, (c,))
         qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-        q, k, v = jnp.transpose(qkv.reshape(b, l, 3, h, hd), (2, 0, 3, 1, 4))  # 3 x [B, H, L, hd]
+        q, k, v = jnp.transpose(qkv.reshape(b, seq, 3, h, hd), (2, 0, 3, 1, 4))  # 3 x [B, H, L, hd]
         if self.l2_norm:
             log_scale = self.param("scale_mul_1H11", nn.initializers.constant(math.log(4.0)), (h,))
             scale_mul = jnp.exp(jnp.minimum(log_scale, np.float32(math.log(100.0))))
@@ -144,7 +151,7 @@ class SelfAttention(nn.Module):
             k = jnp.concatenate([cache[0], k], axis=2)
             v = jnp.concatenate([cache[1], v], axis=2)
         out = dot_product_attention(q, k, v, mask_ll=mask_ll, scale=scale)
-        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, l, c)
+        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, seq, c)
         out = nn.Dense(c, kernel_init=_trunc(self.out_std), dtype=self.dtype, name="proj")(out)
         return out.astype(jnp.float32), (k, v)
 
@@ -176,8 +183,10 @@ def _drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 class AdaLNSelfAttn(nn.Module):
-    """x += g1 * Attn(LN(x)(1+s1) + b1); x += g2 * FFN(LN(x)(1+s2) + b2), with (g1, g2, s1, s2, b1, b2) from the class
-    condition: a per-block `ada_lin` on SiLU(cond), or (shared_aln) the shared projection plus this block's `ada_gss`."""
+    """x += g1 * Attn(LN(x)(1+s1) + b1); x += g2 * FFN(LN(x)(1+s2) + b2).
+
+    (g1, g2, s1, s2, b1, b2) come from the class condition: a per-block `ada_lin` on SiLU(cond), or (shared_aln)
+    the shared projection plus this block's `ada_gss`."""
 
     embed_dim: int
     num_heads: int
@@ -202,12 +211,13 @@ class AdaLNSelfAttn(nn.Module):
         ln = _layer_norm(self.norm_eps)
         rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
         rngs = jax.random.split(rng) if rng is not None else (None, None)
-        attn_out, kv = SelfAttention(c, self.num_heads, self.attn_l2_norm, self.init_std, self.out_std,
-                                     dtype=self.dtype, name="attn")(
-            (ln(x_blc) * (1 + scale1) + shift1).astype(self.dtype), mask_ll, cache)
+        attn_out, kv = SelfAttention(
+            c, self.num_heads, self.attn_l2_norm, self.init_std, self.out_std, dtype=self.dtype, name="attn"
+        )((ln(x_blc) * (1 + scale1) + shift1).astype(self.dtype), mask_ll, cache)
         x_blc = x_blc + _drop_path(attn_out * gamma1, self.drop_path, rngs[0])
         ffn_out = FFN(round(c * self.mlp_ratio), self.init_std, self.out_std, dtype=self.dtype, name="ffn")(
-            (ln(x_blc) * (1 + scale2) + shift2).astype(self.dtype))
+            (ln(x_blc) * (1 + scale2) + shift2).astype(self.dtype)
+        )
         x_blc = x_blc + _drop_path(ffn_out * gamma2, self.drop_path, rngs[1])
         return x_blc, kv
 
@@ -246,8 +256,18 @@ class NextScaleTransformer(nn.Module):
             self.shared_ada_lin = nn.Dense(6 * w, kernel_init=_ada_lin_init(init_std, w))
         dpr = np.linspace(0, c.drop_path_rate, c.depth)
         self.blocks = [
-            AdaLNSelfAttn(w, c.num_heads, c.mlp_ratio, c.norm_eps, c.shared_aln, c.attn_l2_norm, float(dpr[i]),
-                          init_std, out_std, dtype=dtype)
+            AdaLNSelfAttn(
+                w,
+                c.num_heads,
+                c.mlp_ratio,
+                c.norm_eps,
+                c.shared_aln,
+                c.attn_l2_norm,
+                float(dpr[i]),
+                init_std,
+                out_std,
+                dtype=dtype,
+            )
             for i in range(c.depth)
         ]
         self.head_nm = AdaLNBeforeHead(c.norm_eps, init_std)
@@ -291,8 +311,10 @@ class NextScaleTransformer(nn.Module):
         c = self.config
         want = (c.seq_len - c.first_l, c.z_channels)
         if x_blcv.ndim != 3 or tuple(x_blcv.shape[1:]) != want:
-            raise ValueError(f"NextScaleTransformer expects teacher-forcing input [B, {want[0]}, {want[1]}] for "
-                             f"patch_nums {c.patch_nums}, got {tuple(x_blcv.shape)}")
+            raise ValueError(
+                f"NextScaleTransformer expects teacher-forcing input [B, {want[0]}, {want[1]}] for "
+                f"patch_nums {c.patch_nums}, got {tuple(x_blcv.shape)}"
+            )
         if train and c.cond_drop_rate > 0:
             drop = jax.random.bernoulli(self.make_rng("dropout"), c.cond_drop_rate, labels_b.shape)
             labels_b = jnp.where(drop, c.num_classes, labels_b)

@@ -22,18 +22,16 @@ GN_EPS = 1e-6
 
 def group_norm(name: str | None = None, dtype: Any = jnp.float32) -> nn.GroupNorm:
     """GroupNorm(32, eps 1e-6) with the exact (two-pass) variance, as torch computes it."""
-    return nn.GroupNorm(
-        num_groups=NUM_GROUPS, epsilon=GN_EPS, use_fast_variance=False, dtype=dtype, name=name
-    )
+    return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=GN_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def conv(features: int, kernel: int, name: str | None = None, stride: int = 1, padding: Any = None,
-         dtype: Any = jnp.float32) -> nn.Conv:
+def conv(
+    features: int, kernel: int, name: str | None = None, stride: int = 1, padding: Any = None, dtype: Any = jnp.float32
+) -> nn.Conv:
     """A 2D conv with torch's 'same' padding (kernel // 2) unless `padding` is given."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-                   name=name)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -45,9 +43,11 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         h = conv(self.out_channels, 3, name="conv1", dtype=self.dtype)(
-            nn.silu(group_norm(name="norm1", dtype=self.dtype)(x_bhwc)))
+            nn.silu(group_norm(name="norm1", dtype=self.dtype)(x_bhwc))
+        )
         h = conv(self.out_channels, 3, name="conv2", dtype=self.dtype)(
-            nn.silu(group_norm(name="norm2", dtype=self.dtype)(h)))
+            nn.silu(group_norm(name="norm2", dtype=self.dtype)(h))
+        )
         if x_bhwc.shape[-1] != self.out_channels:
             x_bhwc = conv(self.out_channels, 1, name="nin_shortcut", dtype=self.dtype)(x_bhwc)
         return x_bhwc + h
@@ -155,8 +155,13 @@ class Encoder(nn.Module):
         n = len(self.ch_mult)
         self.conv_in = conv(self.ch, 3, dtype=self.dtype)
         self.down = [
-            Level(self.ch * m, self.num_res_blocks, use_attn=self.using_sa and i == n - 1,
-                  resample="down" if i != n - 1 else None, dtype=self.dtype)
+            Level(
+                self.ch * m,
+                self.num_res_blocks,
+                use_attn=self.using_sa and i == n - 1,
+                resample="down" if i != n - 1 else None,
+                dtype=self.dtype,
+            )
             for i, m in enumerate(self.ch_mult)
         ]
         self.mid = Mid(self.ch * self.ch_mult[-1], self.using_mid_sa, dtype=self.dtype)
@@ -188,8 +193,13 @@ class Decoder(nn.Module):
         self.mid = Mid(self.ch * self.ch_mult[-1], self.using_mid_sa, dtype=self.dtype)
         # `up_i` is level i (as upstream names it) although the levels run from n-1 down to 0.
         self.up = [
-            Level(self.ch * m, self.num_res_blocks + 1, use_attn=self.using_sa and i == n - 1,
-                  resample="up" if i != 0 else None, dtype=self.dtype)
+            Level(
+                self.ch * m,
+                self.num_res_blocks + 1,
+                use_attn=self.using_sa and i == n - 1,
+                resample="up" if i != 0 else None,
+                dtype=self.dtype,
+            )
             for i, m in enumerate(self.ch_mult)
         ]
         self.norm_out = group_norm(dtype=self.dtype)

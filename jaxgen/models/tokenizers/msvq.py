@@ -41,8 +41,10 @@ class MSVQConfig:
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
         if bad:
-            raise ValueError(f"MSVQConfig: every channel count must be a multiple of 32 (GroupNorm has 32 groups); "
-                             f"ch={self.ch} with ch_mult={self.ch_mult} gives {bad}")
+            raise ValueError(
+                f"MSVQConfig: every channel count must be a multiple of 32 (GroupNorm has 32 groups); "
+                f"ch={self.ch} with ch_mult={self.ch_mult} gives {bad}"
+            )
         if list(self.patch_nums) != sorted(self.patch_nums):
             raise ValueError(f"MSVQConfig: patch_nums must increase, got {self.patch_nums}")
 
@@ -74,16 +76,26 @@ class MultiScaleVQVAE(nn.Module):
         self.quant_conv = conv(c.z_channels, c.quant_conv_ks)
         self.post_quant_conv = conv(c.z_channels, c.quant_conv_ks)
         self.quantize = MultiScaleResidualQuantizer(
-            c.vocab_size, c.z_channels, c.patch_nums, c.quant_resi, c.share_quant_resi,
-            c.default_qresi_counts, c.using_znorm, c.beta)
+            c.vocab_size,
+            c.z_channels,
+            c.patch_nums,
+            c.quant_resi,
+            c.share_quant_resi,
+            c.default_qresi_counts,
+            c.using_znorm,
+            c.beta,
+        )
 
     def check_image(self, img_bhwc: jax.Array) -> None:
-        s = self.config.image_size
+        c = self.config
+        s = c.image_size
         if img_bhwc.ndim != 4 or tuple(img_bhwc.shape[1:]) != (s, s, 3):
+            fits = img_bhwc.shape[1] // c.downsample if img_bhwc.ndim == 4 else "?"
             raise ValueError(
-                f"MultiScaleVQVAE expects images [B, {s}, {s}, 3] (patch_nums[-1]={self.config.patch_nums[-1]} x "
-                f"downsample {self.config.downsample}), got {tuple(img_bhwc.shape)}; resize the images or use a "
-                f"config whose patch_nums end at {img_bhwc.shape[1] // self.config.downsample if img_bhwc.ndim == 4 else '?'}")
+                f"MultiScaleVQVAE expects images [B, {s}, {s}, 3] (patch_nums[-1]={c.patch_nums[-1]} x downsample "
+                f"{c.downsample}), got {tuple(img_bhwc.shape)}; resize the images or use a config whose patch_nums "
+                f"end at {fits}"
+            )
 
     def encode(self, img_bhwc: jax.Array) -> jax.Array:
         """Image `[B, H, W, 3]` -> f = quant_conv(encoder(img)) `[B, P, P, Cvae]` (float32)."""

@@ -92,8 +92,8 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def codes(self, idx_bl: jax.Array) -> jax.Array:
         """Token ids `[B, p*p]` -> code map `[B, p, p, C]`."""
-        b, l = idx_bl.shape
-        p = int(round(l**0.5))
+        b, n = idx_bl.shape
+        p = round(n**0.5)
         return self.embedding(idx_bl).reshape(b, p, p, self.z_channels)
 
     def scale_residual(self, h_bhwc: jax.Array, si: int) -> jax.Array:
@@ -142,8 +142,7 @@ class MultiScaleResidualQuantizer(nn.Module):
             inputs.append(x.reshape(x.shape[0], nxt * nxt, self.z_channels))
         return jnp.concatenate(inputs, axis=1)
 
-    def next_autoregressive_input(self, si: int, f_hat: jax.Array, h_bhwc: jax.Array
-                                  ) -> tuple[jax.Array, jax.Array]:
+    def next_autoregressive_input(self, si: int, f_hat: jax.Array, h_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Sampling step: add scale `si`'s codes `[B, p, p, C]` to f_hat; return (f_hat, next scale's input map)."""
         f_hat = f_hat + self.scale_residual(h_bhwc, si)
         if si == len(self.patch_nums) - 1:
@@ -158,8 +157,11 @@ class MultiScaleResidualQuantizer(nn.Module):
         """
         f32 = f_bhwc.astype(jnp.float32)
         indices, f_hats = self.quantize(f32)  # f_hats carry gradients to the codebook and the Phi convs
-        loss = sum(self.beta * jnp.mean((jax.lax.stop_gradient(fh) - f32) ** 2)
-                   + jnp.mean((fh - jax.lax.stop_gradient(f32)) ** 2) for fh in f_hats) / len(f_hats)
+        loss = sum(
+            self.beta * jnp.mean((jax.lax.stop_gradient(fh) - f32) ** 2)
+            + jnp.mean((fh - jax.lax.stop_gradient(f32)) ** 2)
+            for fh in f_hats
+        ) / len(f_hats)
         f_hat_st = jax.lax.stop_gradient(f_hats[-1] - f32) + f32
         return f_hat_st.astype(f_bhwc.dtype), loss, indices
 
@@ -168,5 +170,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         got = [int(i.shape[-1]) for i in indices]
         need = len(want) if need is None else need
         if len(got) < need or got[: len(want)] != want[: len(got)]:
-            raise ValueError(f"token maps per scale have lengths {got}; patch_nums {tuple(self.patch_nums)} "
-                             f"need {want[:need]} (one [B, p*p] array per scale)")
+            raise ValueError(
+                f"token maps per scale have lengths {got}; patch_nums {tuple(self.patch_nums)} "
+                f"need {want[:need]} (one [B, p*p] array per scale)"
+            )
