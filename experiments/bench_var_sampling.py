@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxgen.config_util import load_config
 from jaxgen.models.registry import build_var, init_params
+from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 
 SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
@@ -54,6 +55,10 @@ def time_jaxgen(cfg, batch: int, dtype: str, repeats: int) -> dict:
         jax.block_until_ready(compiled(var_params, vae_params, labels, jax.random.key(i + 1)).images)
         times.append(time.perf_counter() - t0)
     run_s = statistics.median(times)
+    # The tokenizer's decoder alone (f_hat -> image): splits the time between the convnet and the transformer.
+    decode = jax.jit(lambda p, f: vae.apply({"params": p}, f, method=MultiScaleVQVAE.fhat_to_img))
+    pn = vae.config.patch_nums[-1]
+    f_hat = jnp.zeros((batch, pn, pn, vae.config.z_channels))
     return {
         "impl": "jaxgen",
         "dtype": dtype,
@@ -61,8 +66,20 @@ def time_jaxgen(cfg, batch: int, dtype: str, repeats: int) -> dict:
         "compile_s": round(compile_s, 3),
         "run_s": round(run_s, 5),
         "images_per_s": round(batch / run_s, 3),
+        "decode_s": round(_median_time(lambda: jax.block_until_ready(decode(vae_params, f_hat)), repeats), 5),
         "runs": len(times),
     }
+
+
+def _median_time(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def time_official(checkout: str, cfg, batch: int, dtype: str, repeats: int) -> dict:
@@ -121,12 +138,21 @@ def time_official(checkout: str, cfg, batch: int, dtype: str, repeats: int) -> d
         run(i + 1)
         times.append(time.perf_counter() - t0)
     run_s = statistics.median(times)
+    f_hat = torch.zeros(batch, v.z_channels, v.patch_nums[-1], v.patch_nums[-1], device=device)
+
+    def decode():
+        with torch.inference_mode(), amp:
+            vae.fhat_to_img(f_hat)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     return {
         "impl": "official_pytorch",
         "dtype": dtype,
         "batch": batch,
         "run_s": round(run_s, 5),
         "images_per_s": round(batch / run_s, 3),
+        "decode_s": round(_median_time(decode, repeats), 5),
         "runs": len(times),
         "torch": torch.__version__,
         "torch_device": device,
