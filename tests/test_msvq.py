@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.models.registry import config_from_dict
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 from jaxgen.models.tokenizers.quantizers import phi_schedule
 from tests.helpers import tiny_var
@@ -101,4 +102,4 @@ def test_config_rejects_channel_counts_groupnorm_cannot_take():
     with pytest.raises(ValueError, match="multiple of 32"):
         MSVQConfig(ch=16)
     with pytest.raises(ValueError, match="unknown fields"):
-        MSVQConfig.from_dict({"vocab": 3})
+        config_from_dict(MSVQConfig, {"vocab": 3})

@@ -9,12 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 
 def dot_product_attention(
-    q_bhld: jax.Array,
-    k_bhld: jax.Array,
-    v_bhld: jax.Array,
+    q_bhld: Float[Array, "B H Lq D"],
+    k_bhld: Float[Array, "B H Lk D"],
+    v_bhld: Float[Array, "B H Lk D"],
     *,
     mask_ll: np.ndarray | jax.Array | None = None,
     scale: float = 1.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,10 +17,19 @@ def _plain(section: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+def config_from_dict(cls, d: Mapping[str, Any]):
+    """`cls(**d)` for a config dataclass, with an error that names unknown fields (a typo in a config file)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known: {sorted(fields)}")
+    return cls(**d)
+
+
 def build_var(vae_section: Mapping, var_section: Mapping) -> tuple[MultiScaleVQVAE, NextScaleTransformer]:
     """Build the VQVAE and the VAR transformer; the transformer's vocab / z_channels / patch_nums come from the
     VQVAE section unless given, and must agree with it."""
-    vae_cfg = MSVQConfig.from_dict(_plain(vae_section))
+    vae_cfg = config_from_dict(MSVQConfig, _plain(vae_section))
     var_kw = _plain(var_section)
     for field, value in (
         ("vocab_size", vae_cfg.vocab_size),
@@ -31,7 +41,7 @@ def build_var(vae_section: Mapping, var_section: Mapping) -> tuple[MultiScaleVQV
                 f"config: var.{field}={var_kw[field]} disagrees with vae.{field}={value}; "
                 f"the transformer must match its tokenizer"
             )
-    return MultiScaleVQVAE(vae_cfg), NextScaleTransformer(NextScaleConfig.from_dict(var_kw))
+    return MultiScaleVQVAE(vae_cfg), NextScaleTransformer(config_from_dict(NextScaleConfig, var_kw))
 
 
 def init_params(module, key, *args, **kwargs):

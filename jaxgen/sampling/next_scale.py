@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Int
 
 from jaxgen.models.generators.next_scale import NextScaleTransformer, check_labels
 from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
@@ -47,7 +48,7 @@ def sample_next_scale(
     settings: NextScaleSampling,
     var_params,
     vae_params,
-    labels_b: jax.Array,
+    labels_b: Int[Array, " B"],
     key: jax.Array,
 ) -> NextScaleSample:
     """The whole generation for labels `[B]` (traceable; `NextScaleSampler` jits it)."""

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, Float, Int
 
 from jaxgen.models.attention import dot_product_attention, l2_normalize
 
@@ -63,14 +64,6 @@ class NextScaleConfig:
         ends = np.cumsum([p * p for p in self.patch_nums])
         return [(int(e - p * p), int(e)) for p, e in zip(self.patch_nums, ends, strict=True)]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NextScaleConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"NextScaleConfig: unknown fields {unknown}; known: {sorted(fields)}")
-        return cls(**d)
-
 
 def level_ids(patch_nums) -> np.ndarray:
     """Scale index of every token: `[L]` int32."""
@@ -95,7 +88,7 @@ def check_labels(labels, num_classes: int, allow_null: bool = True) -> None:
         )
 
 
-def next_scale_loss(logits_blv: jax.Array, targets_bl: jax.Array) -> jax.Array:
+def next_scale_loss(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B L"]) -> Float[Array, ""]:
     """Mean token cross-entropy over `[B, L]` (VAR weighs every token of every scale equally)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
 
@@ -307,7 +300,9 @@ class NextScaleTransformer(nn.Module):
         """One sampling step: this scale's tokens attend to the cache and themselves (no mask needed)."""
         return self.trunk(x_blc, cond_bd, None, caches)
 
-    def __call__(self, labels_b: jax.Array, x_blcv: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, labels_b: Int[Array, " B"], x_blcv: Float[Array, "B L1 Cv"], train: bool = False
+    ) -> Float[Array, "B L V"]:
         c = self.config
         want = (c.seq_len - c.first_l, c.z_channels)
         if x_blcv.ndim != 3 or tuple(x_blcv.shape[1:]) != want:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
 from jaxgen.models.tokenizers.quantizers import MultiScaleResidualQuantizer
@@ -56,14 +56,6 @@ class MSVQConfig:
     def image_size(self) -> int:
         return self.patch_nums[-1] * self.downsample
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MSVQConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"MSVQConfig: unknown fields {unknown}; known: {sorted(fields)}")
-        return cls(**d)
-
 
 class MultiScaleVQVAE(nn.Module):
     config: MSVQConfig
@@ -97,24 +89,24 @@ class MultiScaleVQVAE(nn.Module):
                 f"end at {fits}"
             )
 
-    def encode(self, img_bhwc: jax.Array) -> jax.Array:
+    def encode(self, img_bhwc: Float[Array, "B H W 3"]) -> Float[Array, "B P P C"]:
         """Image `[B, H, W, 3]` -> f = quant_conv(encoder(img)) `[B, P, P, Cvae]` (float32)."""
         self.check_image(img_bhwc)
         return self.quant_conv(self.encoder(img_bhwc).astype(jnp.float32))
 
-    def img_to_indices(self, img_bhwc: jax.Array) -> list[jax.Array]:
+    def img_to_indices(self, img_bhwc: Float[Array, "B H W 3"]) -> list[Int[Array, "B l"]]:
         """Image -> per-scale token ids, a list of `[B, p*p]` int32."""
         return self.quantize.quantize(self.encode(img_bhwc))[0]
 
-    def fhat_to_img(self, f_hat: jax.Array) -> jax.Array:
+    def fhat_to_img(self, f_hat: Float[Array, "B P P C"]) -> Float[Array, "B H W 3"]:
         """f_hat `[B, P, P, Cvae]` -> raw decoder output `[B, H, W, 3]` (not clamped)."""
         return self.decoder(self.post_quant_conv(f_hat)).astype(jnp.float32)
 
-    def indices_to_img(self, indices: Sequence[jax.Array]) -> jax.Array:
+    def indices_to_img(self, indices: Sequence[Int[Array, "B l"]]) -> Float[Array, "B H W 3"]:
         """Per-scale ids -> reconstruction `[B, H, W, 3]` clamped to [-1, 1]."""
         return jnp.clip(self.fhat_to_img(self.quantize.indices_to_fhat(indices)), -1.0, 1.0)
 
-    def teacher_forcing_input(self, indices: Sequence[jax.Array]) -> jax.Array:
+    def teacher_forcing_input(self, indices: Sequence[Int[Array, "B l"]]) -> Float[Array, "B L1 C"]:
         """Per-scale ids -> VAR's teacher-forcing input `[B, L - p_0^2, Cvae]`."""
         return self.quantize.teacher_forcing_input(indices)
 
@@ -122,7 +114,7 @@ class MultiScaleVQVAE(nn.Module):
         """See `MultiScaleResidualQuantizer.next_autoregressive_input`."""
         return self.quantize.next_autoregressive_input(si, f_hat, h_bhwc)
 
-    def codebook(self) -> jax.Array:
+    def codebook(self) -> Float[Array, "V C"]:
         """The code vectors `[V, Cvae]`."""
         return self.quantize.embedding.embedding
 
