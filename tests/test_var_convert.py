@@ -2,8 +2,8 @@
 
 import json
 import re
+from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,10 +20,11 @@ from jaxgen.convert.var import (
     vqvae_param_shapes,
 )
 from jaxgen.models.registry import build_var
-from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
+from jaxgen.sample import sample_grid
 from jaxgen.train.checkpoint import load_pretrained
 from tests.helpers import VAR_FIXTURE_A, VAR_FIXTURES
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not VAR_FIXTURE_A.exists(), reason=f"fixtures missing: {VAR_FIXTURES}")
 
 
@@ -131,33 +132,36 @@ def test_wrappers_are_unwrapped_and_unknown_ones_named():
         unwrap_state_dict({"weights_here": sd, "epoch": 3})
 
 
-def test_cli_converts_pth_and_npz_to_a_checkpoint_the_sampler_loads(tmp_path, fixture_state, configs):
+def test_cli_converts_pth_and_safetensors_to_a_checkpoint_the_sampler_loads(tmp_path, fixture_state, configs):
     torch = pytest.importorskip("torch")
+    from safetensors.numpy import save_file
+
     vae_sd, var_sd = fixture_state
     torch.save({"model": {k: torch.from_numpy(v) for k, v in var_sd.items()}}, tmp_path / "var.pth")
-    np.savez(tmp_path / "vae.npz", **vae_sd)
+    save_file(vae_sd, tmp_path / "vae.safetensors")
     rc = convert_cli.main(
-        ["var", "--vae", str(tmp_path / "vae.npz"), "--var", str(tmp_path / "var.pth"), "--out", str(tmp_path / "ckpt")]
-    )
+        ["var", "--vae", str(tmp_path / "vae.safetensors"), "--var", str(tmp_path / "var.pth"),
+         "--out", str(tmp_path / "ckpt"), "--config", str(REPO / "configs/var_tiny.py")]
+    )  # fmt: skip
     assert rc == 0
     vae_cfg, var_cfg = configs
     config, params = load_pretrained(tmp_path / "ckpt")
     assert config["var"]["depth"] == var_cfg.depth and tuple(config["vae"]["patch_nums"]) == vae_cfg.patch_nums
-    # Same weights as converting in memory, and greedy sampling reproduces the official tokens.
-    ref_vae = convert_vqvae(vae_sd, vae_cfg)
-    np.testing.assert_array_equal(
-        params["vae"]["quantize"]["embedding"]["embedding"], ref_vae["quantize"]["embedding"]["embedding"]
+    np.testing.assert_array_equal(  # the same weights as converting in memory
+        params["vae"]["quantize"]["embedding"]["embedding"],
+        convert_vqvae(vae_sd, vae_cfg)["quantize"]["embedding"]["embedding"],
     )
-    from jaxgen.models.generators.next_scale import NextScaleTransformer
-    from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
-
-    sampler = NextScaleSampler(
-        NextScaleTransformer(var_cfg), MultiScaleVQVAE(vae_cfg), NextScaleSampling(cfg=1.5, top_k=1, top_p=0.0)
-    )
+    # The sampling binary loads the checkpoint; greedy sampling reproduces the official tokens.
+    cfg = load_config(str(REPO / "configs/var_tiny.py"))
     with np.load(VAR_FIXTURE_A) as f:
-        out = sampler(params["var"], params["vae"], f["in/gen_labels"], jax.random.key(0))
-        for k, idx in enumerate(out.indices):
-            np.testing.assert_array_equal(idx, f[f"out/infer_idx_s{k}"])
+        cfg.checkpoint = str(tmp_path / "ckpt")
+        cfg.grid.classes, cfg.grid.per_class = tuple(int(c) for c in f["in/gen_labels"]), 1
+        cfg.sampling.update(cfg=1.5, top_k=1, top_p=0.0)
+        sample_grid(cfg, tmp_path / "samples")
+        with np.load(tmp_path / "samples" / "samples.npz") as ours:
+            for k in range(len(var_cfg.patch_nums)):
+                np.testing.assert_array_equal(ours[f"indices_s{k}"], f[f"out/infer_idx_s{k}"])
+            np.testing.assert_allclose(ours["images"], np.transpose(f["out/infer_img"], (0, 2, 3, 1)), atol=1e-4)
 
 
 def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path, fixture_state, capsys):
