@@ -14,6 +14,7 @@ def get_config(arg: str = "d16") -> ml_collections.ConfigDict:
     depth = int(arg[1:])
     patch_nums = PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256
     cfg = ml_collections.ConfigDict()
+    cfg.family = "var"
     cfg.seed = 0
     cfg.vae = dict(
         vocab_size=4096,

@@ -7,6 +7,7 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     cfg = ml_collections.ConfigDict()
+    cfg.family = "var"
     cfg.seed = 0
     cfg.vae = dict(
         vocab_size=64,

@@ -13,37 +13,29 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxgen.convert.common import count_params
 from jaxgen.eval.grids import save_grid
-from jaxgen.models.registry import build_var, init_params
-from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
+from jaxgen.families import family_of, init_family_params, param_shapes
 from jaxgen.train.checkpoint import load_pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the grid, tokens and report are written")
 
 
-def init_or_load_var(config):
-    """(vae, var, vae_params, var_params) from `config.checkpoint` or, if empty, a seeded random init."""
-    vae, var = build_var(config.vae, config.var)
-    s = vae.config.image_size
-    x_tf = jnp.zeros((1, var.config.seq_len - var.config.first_l, var.config.z_channels))
-    key_vae, key_var = jax.random.split(jax.random.key(config.seed))
+def init_or_load(config):
+    """(family, tokenizer, generator, params) with params = {tokenizer key: ..., generator key: ...} from
+    `config.checkpoint` or, if empty, a seeded random init."""
+    family = family_of(config)
+    tokenizer, generator = family.build(config[family.tokenizer], config[family.generator])
     if config.checkpoint:
-        expected = {
-            "vae": jax.eval_shape(vae.init, key_vae, jnp.zeros((1, s, s, 3)))["params"],
-            "var": jax.eval_shape(var.init, key_var, jnp.zeros((1,), jnp.int32), x_tf)["params"],
-        }
-        _, params = load_pretrained(config.checkpoint, expected)
-        return vae, var, params["vae"], params["var"]
-    vae_params = init_params(vae, key_vae, jnp.zeros((1, s, s, 3)))
-    var_params = init_params(var, key_var, jnp.zeros((1,), jnp.int32), x_tf)
-    return vae, var, vae_params, var_params
+        _, params = load_pretrained(config.checkpoint, param_shapes(family, tokenizer, generator))
+    else:
+        params = init_family_params(family, tokenizer, generator, config.seed)
+    return family, tokenizer, generator, params
 
 
 def sample_grid(config, workdir: str | Path) -> dict:
@@ -51,16 +43,16 @@ def sample_grid(config, workdir: str | Path) -> dict:
     report.json under `workdir`; return the report."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    vae, var, vae_params, var_params = init_or_load_var(config)
-    logging.info("VQVAE %.2fM params, VAR %.2fM params", count_params(vae_params) / 1e6, count_params(var_params) / 1e6)
+    family, tokenizer, generator, params = init_or_load(config)
+    for name, tree in params.items():
+        logging.info("%s: %.2fM params", name, count_params(tree) / 1e6)
     classes = tuple(config.grid.classes)
     labels = np.repeat(np.asarray(classes, np.int32), config.grid.per_class)
-    sampler = NextScaleSampler(var, vae, NextScaleSampling(**config.sampling.to_dict()))
-    key = jax.random.key(config.seed + 1)
+    sampler = family.sampler(generator, tokenizer, config.sampling.to_dict())
     t0 = time.perf_counter()
-    out = sampler(var_params, vae_params, labels, key)
+    out = sampler(params[family.generator], params[family.tokenizer], labels, jax.random.key(config.seed + 1))
     images = np.asarray(jax.device_get(out.images))
-    wall_s = time.perf_counter() - t0  # includes the one compile; experiments/bench_var_sampling.py separates them
+    wall_s = time.perf_counter() - t0  # includes the one compile; experiments/bench_*_sampling.py separate them
     grid_path = save_grid(
         images,
         workdir / "grid.png",
@@ -68,13 +60,9 @@ def sample_grid(config, workdir: str | Path) -> dict:
         row_labels=[f"class {c}" for c in classes],
         scale=max(1, 128 // images.shape[1]),
     )
-    np.savez(
-        workdir / "samples.npz",
-        labels=labels,
-        images=images,
-        **{f"indices_s{k}": np.asarray(i) for k, i in enumerate(out.indices)},
-    )
+    np.savez(workdir / "samples.npz", labels=labels, images=images, **out.token_arrays())
     report = {
+        "family": config.get("family", "var"),
         "grid": str(grid_path),
         "num_images": len(labels),
         "image_size": int(images.shape[1]),

@@ -1,10 +1,12 @@
 """Convert official checkpoints into a jaxgen Orbax checkpoint.
 
     python -m jaxgen.convert var --vae vae_ch160v4096z32.pth --var var_d16.pth --out DIR [--config SPEC]
+    python -m jaxgen.convert llamagen --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --out DIR [--config SPEC]
 
-Without --config the model sizes are read off the checkpoint itself (depth, width, heads, classes, patch_nums from
-the `lvl_1L` buffer). The output loads with `jaxgen.train.checkpoint.load_pretrained` and samples with
-`python -m jaxgen.sample --config=... --checkpoint=DIR`.
+Without --config the model sizes are read off the checkpoint itself (VAR: depth, width, heads, classes, patch_nums
+from the `lvl_1L` buffer; LlamaGen: widths, layers, vocab, classes, heads from upstream's size table). The output
+loads with `jaxgen.train.checkpoint.load_pretrained` and samples with
+`python -m jaxgen.sample --config=... --config.checkpoint=DIR`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 from jaxgen.config_util import load_config
 from jaxgen.convert.common import ConversionError, load_state_dict
+from jaxgen.convert.llamagen import check_vocab, convert_gpt, convert_vq, infer_gpt_config, infer_vq_config
 from jaxgen.convert.var import (
     convert_var,
     convert_vqvae,
@@ -22,7 +25,7 @@ from jaxgen.convert.var import (
     infer_vqvae_config,
     patch_nums_from_levels,
 )
-from jaxgen.models.registry import build_var
+from jaxgen.models.registry import build_llamagen, build_var
 from jaxgen.train.checkpoint import save_pretrained
 
 
@@ -46,6 +49,23 @@ def convert_var_family(args) -> int:
     return 0
 
 
+def convert_llamagen_family(args) -> int:
+    vq_sd, gpt_sd = load_state_dict(args.vq), load_state_dict(args.gpt)
+    if args.config:
+        cfg = load_config(args.config)
+        vq, gpt = build_llamagen(cfg.vq, cfg.gpt)
+        vq_cfg, gpt_cfg = vq.config, gpt.config
+    else:
+        vq_cfg = infer_vq_config({k: v.shape for k, v in vq_sd.items()})
+        gpt_cfg = infer_gpt_config({k: v.shape for k, v in gpt_sd.items()}, block_size=args.block_size)
+        print(f"read off the checkpoints: VQ {vq_cfg}\nGPT {gpt_cfg}")
+    check_vocab(gpt_cfg, vq_cfg.codebook_size)
+    params = {"vq": convert_vq(vq_sd, vq_cfg), "gpt": convert_gpt(gpt_sd, gpt_cfg)}
+    config = {"family": "llamagen", "vq": dataclasses.asdict(vq_cfg), "gpt": dataclasses.asdict(gpt_cfg)}
+    print(f"wrote {save_pretrained(args.out, params, config)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgen.convert", description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="family", required=True)
@@ -55,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (Orbax checkpoint + config.json)")
     p.add_argument("--config", default="", help="configs/NAME.py:variant (default: read sizes off the files)")
     p.set_defaults(run=convert_var_family)
+    p = sub.add_parser("llamagen", help="FoundationVision/LlamaGen: VQ tokenizer + class-conditional GPT")
+    p.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (.pt / .npz / .safetensors)")
+    p.add_argument("--gpt", required=True, help="GPT checkpoint (.pt / .npz / .safetensors)")
+    p.add_argument("--out", required=True, help="output directory (Orbax checkpoint + config.json)")
+    p.add_argument("--config", default="", help="configs/NAME.py:variant (default: read sizes off the files)")
+    p.add_argument("--block-size", type=int, default=256, help="image tokens without --config (256 = 16x16)")
+    p.set_defaults(run=convert_llamagen_family)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

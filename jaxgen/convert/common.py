@@ -30,7 +30,7 @@ class ConversionError(ValueError):
 class KeyMap:
     """How one family's PyTorch names map onto its Flax tree."""
 
-    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied in order to the dotted key
+    renames: tuple[tuple[str, Any], ...] = ()  # (regex, replacement str or callable) applied in order to the key
     ignore: tuple[str, ...] = ()  # regexes of keys that are buffers / statistics with no Flax parameter
 
 

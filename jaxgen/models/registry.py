@@ -9,7 +9,9 @@ from typing import Any
 import jax
 
 from jaxgen.models.generators.next_scale import NextScaleConfig, NextScaleTransformer
+from jaxgen.models.generators.next_token import NextTokenConfig, NextTokenTransformer
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
+from jaxgen.models.tokenizers.vqgan import VQGAN, VQConfig
 
 
 def _plain(section: Any) -> dict[str, Any]:
@@ -51,3 +53,16 @@ def init_params(module, key, *args, **kwargs):
     lowered = jax.jit(lambda k, *a: module.init(k, *a, **kwargs)["params"]).lower(key, *args)
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return lowered.compile(options)(key, *args)
+
+
+def build_llamagen(vq_section: Mapping, gpt_section: Mapping):
+    """Build LlamaGen's VQ tokenizer and GPT; the GPT's vocab must equal the codebook size."""
+    vq_cfg = config_from_dict(VQConfig, _plain(vq_section))
+    gpt_kw = _plain(gpt_section)
+    if gpt_kw.setdefault("vocab_size", vq_cfg.codebook_size) != vq_cfg.codebook_size:
+        raise ValueError(
+            f"config: gpt.vocab_size={gpt_kw['vocab_size']} but the tokenizer has "
+            f"{vq_cfg.codebook_size} codes; set gpt.vocab_size={vq_cfg.codebook_size} or use the "
+            f"matching tokenizer"
+        )
+    return VQGAN(vq_cfg), NextTokenTransformer(config_from_dict(NextTokenConfig, gpt_kw))

@@ -41,6 +41,10 @@ class NextScaleSample:
     images: jax.Array  # float32 [B, H, W, 3] in [0, 1]
     head_logits: tuple[jax.Array, ...] | None = None  # per scale: float32 [2B, p_k^2, V] (rows B.. are null class)
 
+    def token_arrays(self) -> dict[str, jax.Array]:
+        """The tokens by name, for saving: indices_s0, indices_s1, ..."""
+        return {f"indices_s{k}": i for k, i in enumerate(self.indices)}
+
 
 def sample_next_scale(
     var: NextScaleTransformer,

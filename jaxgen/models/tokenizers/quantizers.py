@@ -174,3 +174,51 @@ class MultiScaleResidualQuantizer(nn.Module):
                 f"token maps per scale have lengths {got}; patch_nums {tuple(self.patch_nums)} "
                 f"need {want[:need]} (one [B, p*p] array per scale)"
             )
+
+
+class VectorQuantizer(nn.Module):
+    """Single-scale VQ with an optionally L2-normalised codebook (LlamaGen / ViT-VQGAN style).
+
+    With `l2_norm`, z and the codes are unit vectors and the lookup is the nearest code by cosine; the output is the
+    (normalised) code vector with the straight-through estimator z + sg(e - z).
+    """
+
+    codebook_size: int
+    embed_dim: int
+    l2_norm: bool = True
+    beta: float = 0.25  # commitment weight
+
+    def setup(self):
+        self.embedding = nn.Embed(self.codebook_size, self.embed_dim, embedding_init=codebook_init)
+
+    def codebook(self) -> jax.Array:
+        """The code vectors as used `[V, C]` (unit-norm with `l2_norm`)."""
+        e = self.embedding.embedding.astype(jnp.float32)
+        return _normalize(e) if self.l2_norm else e
+
+    def lookup(self, z_bhwc: jax.Array) -> jax.Array:
+        """Nearest code per position `[B, h, w, C] -> [B, h*w]` int32 (first index wins ties)."""
+        b, h, w, c = z_bhwc.shape
+        z = z_bhwc.reshape(b * h * w, c).astype(jnp.float32)
+        z = _normalize(z) if self.l2_norm else z
+        e = self.codebook()
+        d = jnp.sum(z**2, axis=1, keepdims=True) + jnp.sum(e**2, axis=1) - 2.0 * jnp.dot(z, e.T, precision=HIGHEST)
+        return jax.lax.stop_gradient(jnp.argmin(d, axis=-1).reshape(b, h * w).astype(jnp.int32))
+
+    def codes(self, idx_bl: jax.Array, hw: tuple[int, int]) -> jax.Array:
+        """Token ids `[B, h*w]` -> code map `[B, h, w, C]`."""
+        return self.codebook()[idx_bl].reshape(idx_bl.shape[0], *hw, self.embed_dim)
+
+    def __call__(self, z_bhwc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(quantised `[B, h, w, C]` with straight-through gradients, codebook + commitment loss, ids `[B, h*w]`)."""
+        z = z_bhwc.astype(jnp.float32)
+        z = _normalize(z) if self.l2_norm else z
+        idx = self.lookup(z_bhwc)
+        e = self.codes(idx, z.shape[1:3])
+        loss = jnp.mean((e - jax.lax.stop_gradient(z)) ** 2) + self.beta * jnp.mean((jax.lax.stop_gradient(e) - z) ** 2)
+        return z + jax.lax.stop_gradient(e - z), loss, idx
+
+
+def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(|x|_2, eps) over the last axis (torch.nn.functional.normalize)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,0 +1,331 @@
+"""LlamaGen: class-conditional next-token prediction with a LLaMA-style transformer (Sun et al., 2024).
+
+Sequence layout: position 0 is the class token (the class embedding row of the label, or of `num_classes` = the null
+class), positions 1.. are image tokens in raster order (token t sits at grid row t // grid, column t % grid and at
+sequence position 1 + t). Pre-norm blocks: x + wo(attn(RMSNorm(x))), then h + w2(silu(w1 n) * w3 n), n = RMSNorm(h).
+2D RoPE (see `jaxgen.models.layers.rope_2d_table`) on q and k; the class token's table row is all zeros, so its q and
+k are exactly 0. Parameter names follow upstream (`layers_3/attention/wqkv` for `layers.3.attention.wqkv`).
+
+Sampling runs with a functional KV cache: `init_cache` -> `prefill` (the class token, position 0) -> `decode_step`
+(the previous token at position 1, 2, ..., a traced int32, so the step compiles once and runs inside `lax.scan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
+
+from jaxgen.models.layers import RMSNorm, apply_rope, rope_1d_table, rope_2d_table
+
+# Per layer (k, v), each [B, max_len, kv_heads, head_dim] in the compute dtype; slot p holds sequence position p.
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenConfig:
+    """Hyper-parameters of the LlamaGen GPT (defaults: GPT-B, c2i, 256 px with the 16x downsampling VQ)."""
+
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped KV heads (None = n_head)
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    cls_token_num: int = 1  # class-conditional: exactly one class token
+    block_size: int = 256  # image tokens (grid * grid)
+    rope_2d: bool = True  # False: 1D RoPE over the image-token positions
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance, training only (label -> num_classes)
+    dtype: str = "float32"  # compute dtype of the matmuls and the KV cache; params, norms, RoPE, softmax stay float32
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ValueError(f"NextTokenConfig: dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise ValueError(
+                f"NextTokenConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head} "
+                f"(each KV head serves n_head / n_kv_head query heads)"
+            )
+        if self.cls_token_num != 1:
+            raise ValueError(
+                f"NextTokenConfig: cls_token_num={self.cls_token_num}; the class-conditional model has exactly one "
+                f"class token (text conditioning with several caption tokens is not implemented)"
+            )
+        if self.rope_2d:
+            g = math.isqrt(self.block_size)
+            if g * g != self.block_size:
+                raise ValueError(
+                    f"NextTokenConfig: block_size {self.block_size} is not a square grid, which 2D RoPE needs; "
+                    f"use (image_size // downsample)**2 or rope_2d=False"
+                )
+            if self.head_dim % 4:
+                raise ValueError(f"NextTokenConfig: 2D RoPE needs head_dim % 4 == 0, got head_dim {self.head_dim}")
+        elif self.head_dim % 2:
+            raise ValueError(f"NextTokenConfig: RoPE needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """LlamaGen's SwiGLU width: int(2 * 4 * dim / 3), times ffn_dim_multiplier if set, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return -(-hidden // self.multiple_of) * self.multiple_of
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid (2D RoPE); int(sqrt(block_size))."""
+        return math.isqrt(self.block_size)
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the RoPE table = the longest sequence `__call__` accepts: cls_token_num + block_size."""
+        return self.cls_token_num + self.block_size
+
+    @property
+    def seq_len(self) -> int:
+        """Positions a full generation feeds: the class token and every image token but the last
+        (= the KV-cache length `init_cache` uses by default, and the teacher-forcing length)."""
+        return self.cls_token_num + self.block_size - 1
+
+    @property
+    def class_rows(self) -> int:
+        """Rows of the class table: num_classes, plus the null class (index num_classes) when class_dropout_prob > 0
+        (upstream's rule; every released model has it)."""
+        return self.num_classes + int(self.class_dropout_prob > 0)
+
+    @property
+    def null_class(self) -> int:
+        """The unconditional label (classifier-free guidance)."""
+        return self.num_classes
+
+    def rope_table(self) -> np.ndarray:
+        """`[num_positions, head_dim // 2, 2]` float32 (cos, sin); row p is sequence position p."""
+        if self.rope_2d:
+            return rope_2d_table(self.grid_size, self.head_dim, self.rope_base, self.cls_token_num)
+        return rope_1d_table(self.block_size, self.head_dim, self.rope_base, self.cls_token_num)
+
+
+def next_token_loss(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B L"]) -> Float[Array, ""]:
+    """Mean token cross-entropy over `[B, L]` (upstream's loss): logits at position p predict `targets[:, p]`."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
+
+
+def init_cache(config: NextTokenConfig, batch: int, max_len: int | None = None) -> KVCache:
+    """Zeros: per layer (k, v), each `[batch, max_len, kv_heads, head_dim]` in the compute dtype.
+
+    `max_len` defaults to `config.seq_len` (a whole generation). A plain function: no params needed."""
+    max_len = config.seq_len if max_len is None else max_len
+    shape = (batch, max_len, config.kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+
+
+def grouped_attention(
+    q_blhd: Float[Array, "B Lq H D"],
+    k_bskd: Float[Array, "B Lk K D"],
+    v_bskd: Float[Array, "B Lk K D"],
+    mask: np.ndarray | jax.Array,
+    scale: float,
+) -> Float[Array, "B Lq H D"]:
+    """softmax(scale q k^T, masked) v with grouped KV heads: query head h reads KV head h // (H / K) (upstream's
+    `repeat_interleave`), without materialising the repeated keys. `mask` is boolean, True = may attend,
+    broadcastable to `[B, 1, 1, Lq, Lk]` (e.g. `[Lq, Lk]`). Logits and softmax in float32; output in v's dtype.
+
+    (`jaxgen.models.attention.dot_product_attention` takes `[B, H, L, D]` with equal q / kv heads and a `[Lq, Lk]`
+    mask; this layout avoids transposing and repeating the KV cache at every decode step.)"""
+    b, lq, h, d = q_blhd.shape
+    kvh = k_bskd.shape[2]
+    q = q_blhd.reshape(b, lq, kvh, h // kvh, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k_bskd, preferred_element_type=jnp.float32) * np.float32(scale)
+    logits = jnp.where(jnp.asarray(mask), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v_bskd)
+    return out.reshape(b, lq, h, d)
+
+
+def _dense(features: int, dtype, std: float = 0.02, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
+
+
+class Attention(nn.Module):
+    """Packed `wqkv` (output = [q: n_head*hd | k: kv*hd | v: kv*hd], head-major), RoPE on q and k, `wo`."""
+
+    n_head: int
+    kv_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None):
+        """x `[B, L, C]`, rope `[L, D/2, 2]`, mask (broadcastable to `[B, 1, 1, L, Lk]`). Without a cache the keys
+        are this call's own; with one, k/v are written at slots [start, start + L) of the `[B, S, K, hd]` cache and
+        the queries attend over all S slots. Returns (out `[B, L, C]` float32, updated (k, v) or None)."""
+        b, seq, c = x_bld.shape
+        hd = c // self.n_head
+        qkv = _dense((self.n_head + 2 * self.kv_heads) * hd, self.dtype, name="wqkv")(x_bld)
+        q, k, v = jnp.split(qkv, [self.n_head * hd, (self.n_head + self.kv_heads) * hd], axis=-1)
+        q = apply_rope(q.reshape(b, seq, self.n_head, hd), rope_lp2)
+        k = apply_rope(k.reshape(b, seq, self.kv_heads, hd), rope_lp2)
+        v = v.reshape(b, seq, self.kv_heads, hd)
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache = cache
+            zero = jnp.zeros((), jnp.int32)
+            idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+            new_cache = (k, v)
+        out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(hd))
+        out = _dense(c, self.dtype, name="wo")(out.reshape(b, seq, c))
+        return out.astype(jnp.float32), new_cache
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bld):
+        c = x_bld.shape[-1]
+        gate = nn.silu(_dense(self.hidden, self.dtype, name="w1")(x_bld))
+        h = gate * _dense(self.hidden, self.dtype, name="w3")(x_bld)
+        return _dense(c, self.dtype, name="w2")(h).astype(jnp.float32)
+
+
+class TransformerBlock(nn.Module):
+    config: NextTokenConfig
+
+    @nn.compact
+    def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        attn_in = RMSNorm(c.norm_eps, name="attention_norm")(x_bld).astype(dtype)
+        attn_out, new_cache = Attention(c.n_head, c.kv_heads, dtype, name="attention")(
+            attn_in, rope_lp2, mask, cache, start
+        )
+        h = x_bld + attn_out
+        ffn_out = FeedForward(c.ffn_hidden, dtype, name="feed_forward")(
+            RMSNorm(c.norm_eps, name="ffn_norm")(h).astype(dtype)
+        )
+        return h + ffn_out, new_cache
+
+
+class NextTokenTransformer(nn.Module):
+    """LlamaGen GPT (c2i). `__call__(labels [B], tokens [B, N-1]) -> logits [B, N, V]` (teacher forcing);
+    `prefill` / `decode_step` for KV-cached sampling. Use every method through `model.apply(..., method=...)`."""
+
+    config: NextTokenConfig
+
+    def setup(self):
+        c = self.config
+        emb_init = nn.initializers.normal(0.02)
+        self.cls_embedding = nn.Embed(c.class_rows, c.dim, embedding_init=emb_init)  # last row: the null class
+        self.tok_embeddings = nn.Embed(c.vocab_size, c.dim, embedding_init=emb_init)
+        self.layers = [TransformerBlock(c) for _ in range(c.n_layer)]
+        self.norm = RMSNorm(c.norm_eps)
+        # Upstream zero-initialises the output layer.
+        self.output = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype), kernel_init=nn.zeros)
+
+    def _head(self, x_bld: jax.Array) -> jax.Array:
+        return self.output(self.norm(x_bld).astype(jnp.dtype(self.config.dtype))).astype(jnp.float32)
+
+    def _trunk(self, x_bld, rope_lp2, mask, cache: KVCache | None = None, start=None):
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x_bld, kv = layer(x_bld, rope_lp2, mask, None if cache is None else cache[i], start)
+            new_cache.append(kv)
+        return self._head(x_bld), (tuple(new_cache) if cache is not None else None)
+
+    def _check_cache(self, cache: KVCache, batch: int) -> None:
+        c = self.config
+        if len(cache) != c.n_layer:
+            raise ValueError(f"cache has {len(cache)} layers, the model {c.n_layer}; build it with init_cache(config)")
+        want = (batch, c.kv_heads, c.head_dim)
+        got = cache[0][0].shape
+        if len(got) != 4 or (got[0], got[2], got[3]) != want:
+            raise ValueError(
+                f"cache entries are {tuple(got)}, expected [B={batch}, max_len, {c.kv_heads}, {c.head_dim}] "
+                f"(init_cache(config, batch, max_len))"
+            )
+
+    def __call__(
+        self, labels_b: Int[Array, " B"], tokens_bl: Int[Array, "B T"], train: bool = False
+    ) -> Float[Array, "B N V"]:
+        """Teacher forcing: sequence [class token, tokens...] of N = 1 + T positions, causal attention, RoPE rows
+        0..N-1. Logits at position p predict image token p. Label dropout (rng 'dropout') only when `train`."""
+        c = self.config
+        if labels_b.ndim != 1 or tokens_bl.ndim != 2 or tokens_bl.shape[0] != labels_b.shape[0]:
+            raise ValueError(
+                f"NextTokenTransformer expects labels [B] and image tokens [B, T] (T <= {c.block_size}), got "
+                f"labels {tuple(labels_b.shape)} and tokens {tuple(tokens_bl.shape)}"
+            )
+        n = c.cls_token_num + tokens_bl.shape[1]
+        if n > c.num_positions:
+            raise ValueError(
+                f"sequence of {n} positions ({c.cls_token_num} class token + {tokens_bl.shape[1]} image tokens) is "
+                f"longer than the {c.num_positions} the RoPE table covers (cls_token_num + block_size = "
+                f"{c.cls_token_num} + {c.block_size}): feed at most {c.block_size} tokens (usually block_size - 1 = "
+                f"{c.block_size - 1}) or raise NextTokenConfig.block_size"
+            )
+        if train and c.class_dropout_prob > 0:
+            drop = jax.random.bernoulli(self.make_rng("dropout"), c.class_dropout_prob, labels_b.shape)
+            labels_b = jnp.where(drop, c.null_class, labels_b)
+        x = jnp.concatenate([self.cls_embedding(labels_b)[:, None], self.tok_embeddings(tokens_bl)], axis=1)
+        rope = jnp.asarray(c.rope_table()[:n])
+        logits, _ = self._trunk(x, rope, np.tril(np.ones((n, n), bool)))
+        return logits
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """Same as the module-level `init_cache(config, batch, max_len)` (which needs no params)."""
+        return init_cache(self.config, batch, max_len)
+
+    def prefill(self, labels_b: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
+        """Run the class token at position 0, write its k/v into cache slot 0; return (logits of position 0
+        `[B, V]` float32, which predict image token 0, and the cache)."""
+        c = self.config
+        self._check_cache(cache, labels_b.shape[0])
+        x = self.cls_embedding(labels_b)[:, None]  # [B, 1, C]
+        slots = cache[0][0].shape[1]
+        mask = np.arange(slots)[None, :] < c.cls_token_num  # [1, S]
+        rope = jnp.asarray(c.rope_table()[: c.cls_token_num])
+        logits, cache = self._trunk(x, rope, mask, cache, jnp.zeros((), jnp.int32))
+        return logits[:, -1], cache
+
+    def decode_step(
+        self, tokens_b: Int[Array, " B"], pos: Int[Array, ""], cache: KVCache
+    ) -> tuple[Float[Array, "B V"], KVCache]:
+        """Feed image tokens `[B]` at sequence position `pos` (traced int32 scalar: image token t goes at position
+        1 + t); write k/v at cache slot `pos`, attend to slots <= pos, RoPE row `pos`. Returns (logits `[B, V]`
+        float32, which predict the token at `pos`, i.e. image token `pos`, and the cache).
+
+        No bounds check on a traced `pos`: keep 1 <= pos < min(max_len, num_positions) (out-of-range indices are
+        clamped by XLA)."""
+        c = self.config
+        self._check_cache(cache, tokens_b.shape[0])
+        pos = jnp.asarray(pos, jnp.int32)
+        x = self.tok_embeddings(tokens_b)[:, None]  # [B, 1, C]
+        slots = cache[0][0].shape[1]
+        mask = (jnp.arange(slots) <= pos)[None, :]  # [1, S]
+        rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(c.rope_table()), pos, 1, axis=0)  # [1, D/2, 2]
+        logits, cache = self._trunk(x, rope, mask, cache, pos)
+        return logits[:, 0], cache
