@@ -12,16 +12,13 @@ With --official, the official `VAR.autoregressive_infer_cfg` runs with the same 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from timing import compile_timed, emit, median_time, torch_sync, write_report
 
 from jaxgen.config_util import load_config
 from jaxgen.models.registry import build_var, init_params
@@ -45,16 +42,10 @@ def time_jaxgen(cfg, batch: int, dtype: str, repeats: int) -> dict:
     )
     sampler = NextScaleSampler(var, vae, NextScaleSampling(**SETTINGS))
     labels = jnp.arange(batch, dtype=jnp.int32) % var.config.num_classes
-    t0 = time.perf_counter()
-    compiled = sampler.lower(var_params, vae_params, labels, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(var_params, vae_params, labels, jax.random.key(0)).images)  # warm-up
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(var_params, vae_params, labels, jax.random.key(i + 1)).images)
-        times.append(time.perf_counter() - t0)
-    run_s = statistics.median(times)
+    compiled, compile_s = compile_timed(sampler.lower(var_params, vae_params, labels, jax.random.key(0)))
+    run_s, times = median_time(
+        lambda i: jax.block_until_ready(compiled(var_params, vae_params, labels, jax.random.key(i)).images), repeats
+    )
     # The tokenizer's decoder alone (f_hat -> image): splits the time between the convnet and the transformer.
     decode = jax.jit(lambda p, f: vae.apply({"params": p}, f, method=MultiScaleVQVAE.fhat_to_img))
     pn = vae.config.patch_nums[-1]
@@ -66,20 +57,9 @@ def time_jaxgen(cfg, batch: int, dtype: str, repeats: int) -> dict:
         "compile_s": round(compile_s, 3),
         "run_s": round(run_s, 5),
         "images_per_s": round(batch / run_s, 3),
-        "decode_s": round(_median_time(lambda: jax.block_until_ready(decode(vae_params, f_hat)), repeats), 5),
+        "decode_s": round(median_time(lambda _: jax.block_until_ready(decode(vae_params, f_hat)), repeats)[0], 5),
         "runs": len(times),
     }
-
-
-def _median_time(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_official(checkout: str, cfg, batch: int, dtype: str, repeats: int) -> dict:
@@ -126,25 +106,16 @@ def time_official(checkout: str, cfg, batch: int, dtype: str, repeats: int) -> d
 
     def run(seed):
         with torch.inference_mode(), amp:
-            img = model.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=seed, **SETTINGS)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return img
+            model.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=seed, **SETTINGS)
+        torch_sync(device)
 
-    run(0)  # warm-up
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        run(i + 1)
-        times.append(time.perf_counter() - t0)
-    run_s = statistics.median(times)
+    run_s, times = median_time(run, repeats)
     f_hat = torch.zeros(batch, v.z_channels, v.patch_nums[-1], v.patch_nums[-1], device=device)
 
-    def decode():
+    def decode(_):
         with torch.inference_mode(), amp:
             vae.fhat_to_img(f_hat)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        torch_sync(device)
 
     return {
         "impl": "official_pytorch",
@@ -152,7 +123,7 @@ def time_official(checkout: str, cfg, batch: int, dtype: str, repeats: int) -> d
         "batch": batch,
         "run_s": round(run_s, 5),
         "images_per_s": round(batch / run_s, 3),
-        "decode_s": round(_median_time(decode, repeats), 5),
+        "decode_s": round(median_time(decode, repeats)[0], 5),
         "runs": len(times),
         "torch": torch.__version__,
         "torch_device": device,
@@ -169,43 +140,14 @@ def main() -> int:
     p.add_argument("--out", default="")
     args = p.parse_args()
     cfg = load_config(args.config)
-    dev = jax.devices()[0]
     results = []
     for dtype in args.dtype.split(","):
         for batch in (int(b) for b in args.batch.split(",")):
-            results.append(time_jaxgen(cfg, batch, dtype, args.repeats))
-            print(json.dumps(results[-1]), flush=True)
+            emit(results, time_jaxgen(cfg, batch, dtype, args.repeats))
             if args.official:
-                results.append(time_official(args.official, cfg, batch, dtype, args.repeats))
-                print(json.dumps(results[-1]), flush=True)
-    ratios = {}
-    for r in results:
-        if r["impl"] == "official_pytorch":
-            ours = next(
-                x for x in results if x["impl"] == "jaxgen" and x["batch"] == r["batch"] and x["dtype"] == r["dtype"]
-            )
-            ratios[f"{r['dtype']}_b{r['batch']}"] = round(ours["images_per_s"] / r["images_per_s"], 3)
-    report = {
-        "benchmark": "var_sampling",
-        "config": args.config,
-        "settings": SETTINGS,
-        "device": {
-            "platform": dev.platform,
-            "kind": dev.device_kind,
-            "count": jax.device_count(),
-            "host": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        },
-        "jax": jax.__version__,
-        "command": " ".join(sys.argv),
-        "results": results,
-        "speedup_jaxgen_over_official": ratios,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    out = Path(args.out or f"experiments/results/var_sampling_{dev.platform}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+                emit(results, time_official(args.official, cfg, batch, dtype, args.repeats))
+    out = args.out or f"experiments/results/var_sampling_{jax.default_backend()}.json"
+    write_report("var_sampling", out, results, config=args.config, settings=SETTINGS)
     return 0
 
 
