@@ -8,16 +8,16 @@ Per scale k: the batch runs doubled ([cond; null]) through the transformer with 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from jaxgen.models.generators.next_scale import NextScaleTransformer, check_labels
+from jaxgen.models.generators.next_scale import NextScaleTransformer
 from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
 from jaxgen.sampling.cfg import guide, var_ramp
+from jaxgen.sampling.common import ClassConditionalSampler
 from jaxgen.sampling.filters import filter_logits, gumbel_softmax, sample_categorical
 
 
@@ -97,7 +97,7 @@ def sample_next_scale(
     )
 
 
-class NextScaleSampler:
+class NextScaleSampler(ClassConditionalSampler):
     """`sampler(var_params, vae_params, labels, key) -> NextScaleSample`, compiled once per batch size."""
 
     def __init__(self, var: NextScaleTransformer, vae: MultiScaleVQVAE, settings: NextScaleSampling | None = None):
@@ -108,14 +108,4 @@ class NextScaleSampler:
                 f"VAR expects a tokenizer with vocab {var.config.vocab_size} and z_channels "
                 f"{var.config.z_channels}; the VQVAE has {vae.config.vocab_size}, {vae.config.z_channels}"
             )
-        self.var, self.vae = var, vae
-        self.settings = settings or NextScaleSampling()
-        self._fn = jax.jit(lambda vp, ap, labels, key: sample_next_scale(var, vae, self.settings, vp, ap, labels, key))
-
-    def __call__(self, var_params, vae_params, labels: Sequence[int] | jax.Array, key: jax.Array) -> NextScaleSample:
-        check_labels(labels, self.var.config.num_classes, allow_null=True)
-        return self._fn(var_params, vae_params, jnp.asarray(labels, jnp.int32), key)
-
-    def lower(self, var_params, vae_params, labels, key):
-        """AOT lowering (for compile-time measurement)."""
-        return self._fn.lower(var_params, vae_params, jnp.asarray(labels, jnp.int32), key)
+        super().__init__(sample_next_scale, var, vae, settings or NextScaleSampling(), var.config.num_classes)

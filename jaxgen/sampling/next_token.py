@@ -9,16 +9,16 @@ are fed the same token. Then temperature, top-k, top-p, and a draw.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from jaxgen.models.generators.next_scale import check_labels
 from jaxgen.models.generators.next_token import NextTokenTransformer
 from jaxgen.models.tokenizers.vqgan import VQGAN
+from jaxgen.sampling.cfg import guide_from_uncond
+from jaxgen.sampling.common import ClassConditionalSampler
 from jaxgen.sampling.filters import filter_logits, sample_categorical
 
 
@@ -66,7 +66,7 @@ def sample_next_token(
     def pick(logits_bv, step, key):
         if guided_run:
             cond, uncond = logits_bv[:b], logits_bv[b:]
-            guided = uncond + (cond - uncond) * settings.cfg_scale
+            guided = guide_from_uncond(cond, uncond, settings.cfg_scale)
             if settings.cfg_interval > -1:
                 guided = jnp.where(step > settings.cfg_interval, cond, guided)
             logits_bv = guided
@@ -98,7 +98,7 @@ def sample_next_token(
     return NextTokenSample(tokens, decoded, (jnp.clip(decoded, -1.0, 1.0) + 1.0) / 2.0, step_logits)
 
 
-class NextTokenSampler:
+class NextTokenSampler(ClassConditionalSampler):
     """`sampler(gpt_params, vq_params, labels, key) -> NextTokenSample`, compiled once per batch size."""
 
     def __init__(self, gpt: NextTokenTransformer, vq: VQGAN, settings: NextTokenSampling | None = None):
@@ -108,14 +108,4 @@ class NextTokenSampler:
                 f"{vq.config.codebook_size} codes: use a GPT config with vocab_size="
                 f"{vq.config.codebook_size} or the matching tokenizer"
             )
-        self.gpt, self.vq = gpt, vq
-        self.settings = settings or NextTokenSampling()
-        self._fn = jax.jit(lambda gp, vp, labels, key: sample_next_token(gpt, vq, self.settings, gp, vp, labels, key))
-
-    def __call__(self, gpt_params, vq_params, labels: Sequence[int] | jax.Array, key: jax.Array) -> NextTokenSample:
-        check_labels(labels, self.gpt.config.num_classes, allow_null=True)
-        return self._fn(gpt_params, vq_params, jnp.asarray(labels, jnp.int32), key)
-
-    def lower(self, gpt_params, vq_params, labels, key):
-        """AOT lowering (for compile-time measurement)."""
-        return self._fn.lower(gpt_params, vq_params, jnp.asarray(labels, jnp.int32), key)
+        super().__init__(sample_next_token, gpt, vq, settings or NextTokenSampling(), gpt.config.num_classes)

@@ -76,18 +76,6 @@ def scale_causal_mask(patch_nums) -> np.ndarray:
     return lvl[None, :] <= lvl[:, None]
 
 
-def check_labels(labels, num_classes: int, allow_null: bool = True) -> None:
-    """Raise a clear error for class labels outside [0, num_classes) (or == num_classes, the null class)."""
-    labels = np.asarray(labels)
-    hi = num_classes if allow_null else num_classes - 1
-    if labels.size and (labels.min() < 0 or labels.max() > hi):
-        raise ValueError(
-            f"class labels must be in [0, {hi}] ({num_classes} classes"
-            f"{', plus the null class ' + str(num_classes) if allow_null else ''}); "
-            f"got min {labels.min()} max {labels.max()}"
-        )
-
-
 def next_scale_loss(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B L"]) -> Float[Array, ""]:
     """Mean token cross-entropy over `[B, L]` (VAR weighs every token of every scale equally)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
