@@ -160,13 +160,13 @@ def check_vocab(gpt_config: NextTokenConfig, codebook_size: int) -> None:
 
 
 # ==== VQ tokenizer ================================================================================================
-def vq_keymap(num_levels: int) -> KeyMap:
-    """LlamaGen's VQ names -> jaxgen's convnet names. The decoder's `conv_blocks.i` is level num_levels-1-i."""
+def vq_keymap(decoder_levels: int) -> KeyMap:
+    """LlamaGen's VQ names -> jaxgen's convnet names. The decoder's `conv_blocks.i` is level decoder_levels-1-i."""
     return KeyMap(
         renames=(
             (r"^encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block."),
             (r"^encoder\.conv_blocks\.(\d+)\.", r"encoder.down.\1."),
-            (r"^decoder\.conv_blocks\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m.group(1))}."),
+            (r"^decoder\.conv_blocks\.(\d+)\.", lambda m: f"decoder.up.{decoder_levels - 1 - int(m.group(1))}."),
             (r"^decoder\.up\.(\d+)\.res\.", r"decoder.up.\1.block."),
             (r"\.mid\.0\.", ".mid.block_1."),
             (r"\.mid\.1\.", ".mid.attn_1."),
@@ -208,7 +208,7 @@ def vq_param_shapes(config: VQConfig):
 def plan_vq(shapes: Mapping[str, tuple], config: VQConfig):
     """Check a VQ-16-style state_dict's keys and shapes against `config` (shapes only); return the plan."""
     packed = pack_qkv({k: tuple(int(d) for d in v) for k, v in shapes.items()})
-    return plan_conversion(packed, vq_param_shapes(config), vq_keymap(len(config.ch_mult)), "VQ state_dict")
+    return plan_conversion(packed, vq_param_shapes(config), vq_keymap(len(config.decoder_ch_mult)), "VQ state_dict")
 
 
 def convert_vq(state_dict: Mapping[str, np.ndarray], config: VQConfig) -> dict:
@@ -223,8 +223,10 @@ def infer_vq_config(shapes: Mapping[str, tuple], **overrides) -> VQConfig:
         ch = int(shapes["encoder.conv_in.weight"][0])
         levels = _count(shapes, r"encoder\.conv_blocks\.(\d+)\.")
         ch_mult = tuple(int(shapes[f"encoder.conv_blocks.{i}.res.0.conv1.weight"][0]) // ch for i in range(levels))
+        dec_levels = _count(shapes, r"decoder\.conv_blocks\.(\d+)\.")
         dec_mult = tuple(
-            int(shapes[f"decoder.conv_blocks.{levels - 1 - i}.res.0.conv1.weight"][0]) // ch for i in range(levels)
+            int(shapes[f"decoder.conv_blocks.{dec_levels - 1 - i}.res.0.conv1.weight"][0]) // ch
+            for i in range(dec_levels)
         )
         size, dim = (int(d) for d in shapes["quantize.embedding.weight"])
         kw = dict(

@@ -26,7 +26,8 @@ class VQConfig:
     z_channels: int = 256
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # encoder levels
-    decoder_ch_mult: tuple[int, ...] | None = None  # None: the same as ch_mult
+    decoder_ch_mult: tuple[int, ...] | None = None  # None: the same as ch_mult; may have another length (the
+    # decoder then upsamples by 2^(len(decoder_ch_mult) - 1), as upstream allows)
     num_res_blocks: int = 2  # the decoder runs one more per level
     l2_norm: bool = True
     beta: float = 0.25
@@ -35,11 +36,6 @@ class VQConfig:
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "decoder_ch_mult", tuple(self.decoder_ch_mult or self.ch_mult))
-        if len(self.decoder_ch_mult) != len(self.ch_mult):
-            raise ValueError(
-                f"VQConfig: encoder and decoder need the same number of levels, got {self.ch_mult} and "
-                f"{self.decoder_ch_mult}"
-            )
         bad = [self.ch * m for m in self.ch_mult + self.decoder_ch_mult if (self.ch * m) % 32]
         if bad:
             raise ValueError(
