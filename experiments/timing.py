@@ -107,6 +107,8 @@ def write_report(benchmark: str, out: str | Path, results: Sequence[dict], **fie
 
 
 def emit(results: list[dict], result: dict) -> None:
-    """Append a result and print it as one JSON line (progress while the benchmark runs)."""
+    """Append a result, with the 1-minute load average when it finished (the benchmark's own threads count: a value
+    well above the threads it uses means other processes shared the CPU), and print it as one JSON line."""
+    result["load_1m"] = round(os.getloadavg()[0], 2)
     results.append(result)
     print(json.dumps(result), flush=True)
