@@ -217,13 +217,13 @@ def test_decode_step_compiles_once_for_every_position():
     c = model.config
     step = jax.jit(lambda p, t, pos, cache: model.apply({"params": p}, t, pos, cache, method=model.decode_step))
     cache = model.init_cache(2)  # the module method needs no params
-    assert len(cache) == c.n_layer and cache[0][0].shape == (2, c.seq_len, c.kv_heads, c.head_dim)
+    assert len(cache) == c.n_layer and cache[0][0].shape == (2, c.kv_heads, c.seq_len, c.head_dim)
     tok = jnp.zeros((2,), jnp.int32)
     for pos in (1, 2, 7):
         logits, cache = step(params, tok, jnp.int32(pos), cache)
     assert logits.shape == (2, c.vocab_size) and step._cache_size() == 1
     # Slots written so far are non-zero, later ones still zero.
-    assert bool(jnp.all(cache[0][0][:, 8:] == 0)) and bool(jnp.any(cache[0][0][:, 7] != 0))
+    assert bool(jnp.all(cache[0][0][:, :, 8:] == 0)) and bool(jnp.any(cache[0][0][:, :, 7] != 0))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -25,7 +25,8 @@ from jaxtyping import Array, Float, Int
 
 from jaxgen.models.layers import RMSNorm, apply_rope, rope_1d_table, rope_2d_table
 
-# Per layer (k, v), each [B, max_len, kv_heads, head_dim] in the compute dtype; slot p holds sequence position p.
+# Per layer (k, v), each [B, kv_heads, max_len, head_dim] in the compute dtype; slot p holds sequence position p.
+# Head-major, so a decode step reads each head's keys contiguously (no per-step transpose of the cache).
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
@@ -130,19 +131,19 @@ def next_token_loss(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B
 
 
 def init_cache(config: NextTokenConfig, batch: int, max_len: int | None = None) -> KVCache:
-    """Zeros: per layer (k, v), each `[batch, max_len, kv_heads, head_dim]` in the compute dtype.
+    """Zeros: per layer (k, v), each `[batch, kv_heads, max_len, head_dim]` in the compute dtype.
 
     `max_len` defaults to `config.seq_len` (a whole generation). A plain function: no params needed."""
     max_len = config.seq_len if max_len is None else max_len
-    shape = (batch, max_len, config.kv_heads, config.head_dim)
+    shape = (batch, config.kv_heads, max_len, config.head_dim)
     dtype = jnp.dtype(config.dtype)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
 
 
 def grouped_attention(
     q_blhd: Float[Array, "B Lq H D"],
-    k_bskd: Float[Array, "B Lk K D"],
-    v_bskd: Float[Array, "B Lk K D"],
+    k_bksd: Float[Array, "B K Lk D"],
+    v_bksd: Float[Array, "B K Lk D"],
     mask: np.ndarray | jax.Array,
     scale: float,
 ) -> Float[Array, "B Lq H D"]:
@@ -153,12 +154,12 @@ def grouped_attention(
     (`jaxgen.models.attention.dot_product_attention` takes `[B, H, L, D]` with equal q / kv heads and a `[Lq, Lk]`
     mask; this layout avoids transposing and repeating the KV cache at every decode step.)"""
     b, lq, h, d = q_blhd.shape
-    kvh = k_bskd.shape[2]
+    kvh = k_bksd.shape[1]
     q = q_blhd.reshape(b, lq, kvh, h // kvh, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k_bskd, preferred_element_type=jnp.float32) * np.float32(scale)
+    logits = jnp.einsum("bqkgd,bksd->bkgqs", q, k_bksd, preferred_element_type=jnp.float32) * np.float32(scale)
     logits = jnp.where(jnp.asarray(mask), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v_bskd)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v_bksd.dtype)
+    out = jnp.einsum("bkgqs,bksd->bqkgd", weights, v_bksd)
     return out.reshape(b, lq, h, d)
 
 
@@ -176,20 +177,20 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None):
         """x `[B, L, C]`, rope `[L, D/2, 2]`, mask (broadcastable to `[B, 1, 1, L, Lk]`). Without a cache the keys
-        are this call's own; with one, k/v are written at slots [start, start + L) of the `[B, S, K, hd]` cache and
+        are this call's own; with one, k/v are written at slots [start, start + L) of the `[B, K, S, hd]` cache and
         the queries attend over all S slots. Returns (out `[B, L, C]` float32, updated (k, v) or None)."""
         b, seq, c = x_bld.shape
         hd = c // self.n_head
         qkv = _dense((self.n_head + 2 * self.kv_heads) * hd, self.dtype, name="wqkv")(x_bld)
         q, k, v = jnp.split(qkv, [self.n_head * hd, (self.n_head + self.kv_heads) * hd], axis=-1)
         q = apply_rope(q.reshape(b, seq, self.n_head, hd), rope_lp2)
-        k = apply_rope(k.reshape(b, seq, self.kv_heads, hd), rope_lp2)
-        v = v.reshape(b, seq, self.kv_heads, hd)
+        k = jnp.swapaxes(apply_rope(k.reshape(b, seq, self.kv_heads, hd), rope_lp2), 1, 2)  # [B, K, L, hd]
+        v = jnp.swapaxes(v.reshape(b, seq, self.kv_heads, hd), 1, 2)
         new_cache = None
         if cache is not None:
             k_cache, v_cache = cache
             zero = jnp.zeros((), jnp.int32)
-            idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+            idx = (zero, zero, jnp.asarray(start, jnp.int32), zero)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
             new_cache = (k, v)
@@ -262,9 +263,9 @@ class NextTokenTransformer(nn.Module):
             raise ValueError(f"cache has {len(cache)} layers, the model {c.n_layer}; build it with init_cache(config)")
         want = (batch, c.kv_heads, c.head_dim)
         got = cache[0][0].shape
-        if len(got) != 4 or (got[0], got[2], got[3]) != want:
+        if len(got) != 4 or (got[0], got[1], got[3]) != want:
             raise ValueError(
-                f"cache entries are {tuple(got)}, expected [B={batch}, max_len, {c.kv_heads}, {c.head_dim}] "
+                f"cache entries are {tuple(got)}, expected [B={batch}, {c.kv_heads}, max_len, {c.head_dim}] "
                 f"(init_cache(config, batch, max_len))"
             )
 
@@ -305,7 +306,7 @@ class NextTokenTransformer(nn.Module):
         c = self.config
         self._check_cache(cache, labels_b.shape[0])
         x = self.cls_embedding(labels_b)[:, None]  # [B, 1, C]
-        slots = cache[0][0].shape[1]
+        slots = cache[0][0].shape[2]
         mask = np.arange(slots)[None, :] < c.cls_token_num  # [1, S]
         rope = jnp.asarray(c.rope_table()[: c.cls_token_num])
         logits, cache = self._trunk(x, rope, mask, cache, jnp.zeros((), jnp.int32))
@@ -324,7 +325,7 @@ class NextTokenTransformer(nn.Module):
         self._check_cache(cache, tokens_b.shape[0])
         pos = jnp.asarray(pos, jnp.int32)
         x = self.tok_embeddings(tokens_b)[:, None]  # [B, 1, C]
-        slots = cache[0][0].shape[1]
+        slots = cache[0][0].shape[2]
         mask = (jnp.arange(slots) <= pos)[None, :]  # [1, S]
         rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(c.rope_table()), pos, 1, axis=0)  # [1, D/2, 2]
         logits, cache = self._trunk(x, rope, mask, cache, pos)
