@@ -56,3 +56,49 @@ def check_tree_shapes(tree: Any, expected: Any, what: str) -> None:
             f"{what} does not fit the config ({'; '.join(parts)}); was it made for another model "
             f"size? Use the config it was written with (see its config.json)."
         )
+
+
+# ---- Training checkpoints: one Orbax CheckpointManager per stage -------------------------------------------------
+
+
+def make_manager(directory: str | Path, *, keep: int, best_metric: str | None = None) -> ocp.CheckpointManager:
+    """Keeps the `keep` latest steps and, with `best_metric`, also the step where that metric was lowest. Orbax
+    writes each step to a temporary directory and renames it when complete, so a run killed during a save restores
+    from the previous complete step."""
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if best_metric:
+        policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def _grain_args():
+    import grain
+
+    return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+
+
+def save_train_state(mngr: ocp.CheckpointManager, state: Any, data_iter: Any, metrics: dict | None = None) -> None:
+    """Save the whole train state and the data iterator's position at `state.step` (blocks until written)."""
+    save_iter, _ = _grain_args()
+    step = int(jax.device_get(state.step))
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=save_iter(data_iter)),
+        metrics=metrics,
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any, step: int | None = None):
+    """Restore the latest (or `step`) state onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs
+    with `.sharding`), and move `data_iter` to where it was. Returns the state."""
+    _, restore_iter = _grain_args()
+    step = mngr.latest_step() if step is None else step
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=restore_iter(data_iter))
+    )
+    return restored["state"]

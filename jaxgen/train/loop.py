@@ -1,0 +1,380 @@
+"""`train_and_evaluate(config, workdir)`: a run's stages, end to end.
+
+    stage "tokenizer":  images -> train the tokenizer (reconstruction + codebook + commitment losses)
+    pretokenize:        the train split -> token-id shards (workdir/tokens), once
+    stage "generator":  token ids -> train the generator (next scale / next token), sample grids on the way
+    evaluate:           class-conditional samples -> a held-out digit classifier's agreement (report.json)
+
+Every stage runs the same `train_stage` (one loop for every model): a jitted, sharded `train_step`, a progress line,
+metrics.jsonl + TensorBoard, Orbax checkpoints that resume exactly, and a clean stop when the loss is not finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxgen import data as data_lib
+from jaxgen.eval.grids import save_grid
+from jaxgen.families import Family, family_of
+from jaxgen.parallel import mesh as mesh_lib
+from jaxgen.parallel import partition
+from jaxgen.parallel.rules import rules_from_config
+from jaxgen.train import checkpoint as ckpt_lib
+from jaxgen.train.optim import learning_rate_schedule, make_optimizer
+from jaxgen.train.reporting import MetricsWriter, Progress, parameter_overview
+from jaxgen.train.state import create_state
+from jaxgen.train.step import make_train_step
+from jaxgen.train.tasks import Task, encode_fn, generator_task, reconstruct_fn, tokenizer_task
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user can act on (the message says what and what to do)."""
+
+
+# ---- configuration checks (before any data is read or anything compiles) ------------------------------------------
+
+
+def _section(config, name: str, dtype: str | None = None) -> dict:
+    section = config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
+    if dtype is not None:
+        section["dtype"] = dtype
+    return section
+
+
+def build_models(config, tokenizer_dtype: str | None = None, generator_dtype: str | None = None):
+    family = family_of(config)
+    tokenizer, generator = family.build(
+        _section(config, family.tokenizer, tokenizer_dtype), _section(config, family.generator, generator_dtype)
+    )
+    return family, tokenizer, generator
+
+
+def check_config(config) -> None:
+    """Raise ValueError for a config that cannot work: image size vs the tokenizer's downsampling and token grid,
+    batch vs micro-batches and devices, logging vs checkpoint cadence."""
+    family, tokenizer, generator = build_models(config)
+    size = int(config.data.image_size)
+    tc = tokenizer.config
+    if family.tokenizer == "vae":
+        if size != tc.image_size:
+            raise ValueError(
+                f"data.image_size={size} does not fit the tokenizer: patch_nums[-1]={tc.patch_nums[-1]} x "
+                f"downsample {tc.downsample} (2^(len(ch_mult)-1)) = {tc.image_size} px. Set data.image_size="
+                f"{tc.image_size} or change vae.patch_nums / vae.ch_mult."
+            )
+    else:
+        grid = size // tc.downsample
+        if size % tc.downsample or grid * grid != generator.config.block_size:
+            raise ValueError(
+                f"data.image_size={size} does not fit the tokenizer/generator: the VQ downsamples by "
+                f"{tc.downsample} (2^(len(ch_mult)-1)), so a {size}px image is "
+                f"{size / tc.downsample:g}x{size / tc.downsample:g} tokens, but gpt.block_size="
+                f"{generator.config.block_size}. Use an image size that is a multiple of {tc.downsample} with "
+                f"(size/{tc.downsample})^2 == gpt.block_size."
+            )
+    for stage in config.stages:
+        t = config[f"train_{stage}"]
+        if t.batch_size % t.accum_steps:
+            raise ValueError(f"train_{stage}.batch_size={t.batch_size} is not divisible by accum_steps={t.accum_steps}")
+        if t.ckpt_every % t.log_every:
+            raise ValueError(
+                f"train_{stage}.ckpt_every={t.ckpt_every} must be a multiple of log_every={t.log_every} "
+                f"(a checkpoint is written only after its loss was checked to be finite)"
+            )
+    unknown = set(config.stages) - {"tokenizer", "generator"}
+    if unknown or not config.stages:
+        raise ValueError(f"config.stages={tuple(config.stages)}: each must be 'tokenizer' or 'generator'")
+
+
+def _fingerprint(config, family: Family, stage: str) -> dict:
+    """The config fields that define a stage's model and its data: a checkpoint of another model must not resume."""
+    fp = {"family": config.family, family.tokenizer: _section(config, family.tokenizer)}
+    if stage == "generator":
+        fp[family.generator] = _section(config, family.generator)
+    fp["image_size"] = int(config.data.image_size)
+    return json.loads(json.dumps(fp, default=list))
+
+
+def _claim_stage_dir(stage_dir: Path, fingerprint: dict) -> None:
+    """Write stage_dir/model.json on first use; later runs must match it, else nothing is touched."""
+    path = stage_dir / "model.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != fingerprint:
+            diffs = []
+            for key in sorted(set(old) | set(fingerprint)):
+                a, b = old.get(key), fingerprint.get(key)
+                if isinstance(a, dict) and isinstance(b, dict):
+                    diffs += [
+                        f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                        for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k)
+                    ]
+                elif a != b:
+                    diffs.append(f"{key}: {a!r} -> {b!r}")
+            raise ValueError(
+                f"{stage_dir} holds a checkpoint of a different model ({'; '.join(diffs[:6])}). Nothing was "
+                f"overwritten. Use a new --workdir, or the config that wrote it (see {path})."
+            )
+        return
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fingerprint, indent=1))
+
+
+# ---- one stage ---------------------------------------------------------------------------------------------------
+
+
+def train_stage(
+    task: Task,
+    tc: Any,
+    data_cfg: Any,
+    stage_dir: Path,
+    *,
+    mesh,
+    rules,
+    seed: int,
+    writer: MetricsWriter,
+    frozen: Any = None,
+    sample_fn: Callable[[Any, int], None] | None = None,
+) -> Any:
+    """Train `task` for `tc.steps` steps (resuming from stage_dir/checkpoints if present); returns the final
+    state (params, EMA params, ...)."""
+    data_iter = data_lib.make_train_iterator(data_cfg, global_batch_size=int(tc.batch_size), seed=seed)
+    tx = make_optimizer(tc)
+    schedule = learning_rate_schedule(tc)
+
+    def init_state(key_data):
+        params = task.module.init(jax.random.wrap_key_data(key_data), *task.init_args)["params"]
+        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key_data), 1)))
+
+    key_data = jax.random.key_data(jax.random.key(seed))
+    abstract = partition.abstract_boxed(init_state, key_data)
+    shardings = partition.tree_shardings(abstract, mesh, rules)
+    mngr = ckpt_lib.make_manager(stage_dir / "checkpoints", keep=int(tc.keep_checkpoints), best_metric="loss")
+    if mngr.latest_step() is not None:
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), partition.strip_boxes(abstract), shardings
+        )
+        state = ckpt_lib.restore_train_state(mngr, target, data_iter)
+        logging.info("[%s] resumed from step %d (%s)", task.name, int(state.step), stage_dir / "checkpoints")
+    else:
+        state = partition.init_sharded(init_state, mesh, rules, key_data)
+    logging.info("[%s] parameters:\n%s", task.name, parameter_overview(state.params, shardings.params))
+
+    start = int(jax.device_get(state.step))
+    if start >= tc.steps:
+        logging.info("[%s] already trained (%d/%d steps)", task.name, start, tc.steps)
+        mngr.close()
+        return state
+    step_fn = make_train_step(
+        task.loss_fn, tx, ema_decay=float(tc.ema_decay), accum_steps=int(tc.accum_steps), schedule=schedule
+    )
+    frozen = jax.device_put(frozen, NamedSharding(mesh, P())) if frozen is not None else None
+    with partition.activation_rules(mesh, rules):
+        step_fn = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
+        progress = Progress(task.name, start, int(tc.steps))
+        pending: list[dict] = []
+        last_good = mngr.latest_step()
+        for step in range(start + 1, int(tc.steps) + 1):
+            batch = next(data_iter)
+            batch = partition.shard_batch({k: batch[k] for k in (task.batch_key, "label") if k in batch}, mesh, rules)
+            state, metrics = step_fn(state, batch, frozen)
+            pending.append(metrics)
+            if step % tc.log_every == 0 or step == tc.steps:
+                host = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+                pending = []
+                skipped = data_lib.skipped_count()
+                if skipped:
+                    host["skipped_images"] = float(skipped)
+                writer.write(step, host, stage=task.name)
+                progress.update(step, host)
+                if not math.isfinite(host["loss"]):
+                    progress.close()
+                    mngr.close()
+                    raise TrainingError(
+                        f"[{task.name}] the loss became {host['loss']} by step {step}; stopped without saving. "
+                        f"The last good checkpoint (step {last_good}) is kept in {stage_dir / 'checkpoints'}. "
+                        f"Lower train_{task.name}.lr, raise warmup_steps or set grad_clip, then rerun to resume."
+                    )
+                if step % tc.ckpt_every == 0 or step == tc.steps:
+                    ckpt_lib.save_train_state(mngr, state, data_iter, metrics={"loss": host["loss"]})
+                    last_good = step
+            if sample_fn is not None and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
+                sample_fn(state.ema_params, step)
+        progress.close()
+    mngr.close()
+    return state
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def _class_grid_labels(config, num_classes: int) -> np.ndarray:
+    classes = [c for c in config.grid.classes if c < num_classes]
+    return np.repeat(np.asarray(classes, np.int32), int(config.grid.per_class))
+
+
+def _tokenizer_sample_fn(tokenizer, config, stage_dir: Path) -> Callable[[Any, int], None]:
+    """Grids of originals next to their reconstructions (pairs, 4 pairs per row) from the eval split."""
+    images = data_lib.load_eval_arrays(config.data, config.data.eval_split, max_examples=32)["image"]
+    recon = reconstruct_fn(tokenizer)
+
+    def sample(params, step):
+        rec = np.asarray(jax.device_get(recon(params, images)))
+        pairs = np.stack([images, rec], axis=1).reshape(-1, *images.shape[1:])
+        save_grid(
+            (pairs + 1) / 2,
+            stage_dir / "samples" / f"recon_{step:06d}.png",
+            nrow=8,
+            scale=max(1, 64 // images.shape[1]),
+        )
+
+    return sample
+
+
+def _generate(sampler, gen_params, tok_params, labels, key) -> np.ndarray:
+    out = sampler(gen_params, tok_params, labels, key)
+    return np.asarray(jax.device_get(out.images))
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+    """Run the config's stages under `workdir`; returns (and writes to workdir/report.json) the final report."""
+    t_start = time.perf_counter()
+    workdir = Path(workdir)
+    mesh_lib.initialize_distributed()
+    check_config(config)
+    family = family_of(config)
+    data_lib.load_source(config.data, config.data.train_split)  # missing/empty/unreadable data: fail before compiling
+    fingerprints = {s: _fingerprint(config, family, s) for s in config.stages}
+    for stage in config.stages:
+        _claim_stage_dir(workdir / stage, fingerprints[stage])
+    mesh = mesh_lib.create_mesh(dict(config.parallel.mesh))
+    rules = rules_from_config(config.parallel.rules)
+    writer = MetricsWriter(workdir)
+    report: dict[str, Any] = {"family": config.family, "workdir": str(workdir.absolute())}
+
+    # -- tokenizer
+    t = config.train_tokenizer
+    _, tokenizer, _ = build_models(config, tokenizer_dtype=t.compute_dtype)
+    if "tokenizer" in config.stages:
+        state = train_stage(
+            tokenizer_task(tokenizer, rec_loss=t.rec_loss),
+            t,
+            config.data,
+            workdir / "tokenizer",
+            mesh=mesh,
+            rules=rules,
+            seed=int(config.seed),
+            writer=writer,
+            sample_fn=_tokenizer_sample_fn(tokenizer, config, workdir / "tokenizer"),
+        )
+        tok_params, tok_step = jax.device_get(state.ema_params), int(state.step)
+        report["tokenizer"] = _tokenizer_eval(tokenizer, tok_params, config)
+    else:
+        if not config.tokenizer_checkpoint:
+            raise ValueError("config.stages has no 'tokenizer': set config.tokenizer_checkpoint to a trained one")
+        _, loaded = ckpt_lib.load_pretrained(config.tokenizer_checkpoint)
+        tok_params, tok_step = loaded[family.tokenizer], -1
+
+    if "generator" not in config.stages:
+        return _finish(report, workdir, writer, t_start)
+
+    # -- pretokenize once, then the generator
+    tokens_dir = workdir / "tokens"
+    meta = {"tokenizer_step": tok_step, "tokenizer": fingerprints.get("tokenizer", {}).get(family.tokenizer)}
+    if (
+        not (tokens_dir / "meta.json").is_file()
+        or data_lib.read_token_metadata(tokens_dir).get("tokenizer_step") != tok_step
+    ):
+        _, plain_tok, _ = build_models(config)
+        logging.info("writing token shards to %s", tokens_dir)
+        data_lib.write_token_shards(
+            encode_fn(plain_tok, tok_params), config.data, tokens_dir, split=config.data.train_split, metadata=meta
+        )
+    token_data = config.data.copy_and_resolve_references()
+    token_data.source = f"tokens:{tokens_dir}"
+    g = config.train_generator
+    _, plain_tok, generator = build_models(config, generator_dtype=g.compute_dtype)
+    num_classes = generator.config.num_classes
+    sampler = family.sampler(generator, plain_tok, config.sampling.to_dict())
+    grid_labels = _class_grid_labels(config, num_classes)
+
+    def sample_grid(params, step):
+        images = _generate(sampler, params, tok_params, grid_labels, jax.random.key(int(config.seed) + step))
+        save_grid(
+            (images + 1) / 2,
+            workdir / "generator" / "samples" / f"samples_{step:06d}.png",
+            nrow=int(config.grid.per_class),
+            row_labels=[f"class {c}" for c in np.unique(grid_labels)],
+            scale=max(1, 64 // images.shape[1]),
+        )
+
+    state = train_stage(
+        generator_task(config.family, plain_tok, generator),
+        g,
+        token_data,
+        workdir / "generator",
+        mesh=mesh,
+        rules=rules,
+        seed=int(config.seed) + 1,
+        writer=writer,
+        frozen=tok_params,
+        sample_fn=sample_grid,
+    )
+    report["generator"] = _generator_eval(config, sampler, state.ema_params, tok_params, grid_labels, workdir)
+    return _finish(report, workdir, writer, t_start)
+
+
+def _tokenizer_eval(tokenizer, params, config) -> dict:
+    """Reconstruction PSNR (dB) over the eval split and codebook usage there."""
+    arrays = data_lib.load_eval_arrays(config.data, config.data.eval_split)
+    task = tokenizer_task(tokenizer)
+    _, metrics = jax.jit(task.loss_fn)(params, {"image": jnp.asarray(arrays["image"])}, None, None)
+    return {k: float(v) for k, v in jax.device_get(metrics).items()} | {"eval_images": len(arrays["image"])}
+
+
+def _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir: Path) -> dict:
+    """Class fidelity: samples for every class, scored by a classifier fit on the real held-out split."""
+    from jaxgen.eval.class_fidelity import fit_classifier
+
+    held_out = data_lib.load_eval_arrays(config.data, config.data.eval_split)
+    train = data_lib.load_eval_arrays(config.data, config.data.train_split)
+    classifier = fit_classifier(held_out["image"], held_out["label"], seed=int(config.seed))
+    images, labels = [], []
+    for i in range(int(config.eval.sample_batches)):
+        images.append(_generate(sampler, gen_params, tok_params, grid_labels, jax.random.key(10_000 + i)))
+        labels.append(grid_labels)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    result = classifier.score(images, labels)
+    result["classifier_accuracy_real"] = float(classifier.real_accuracy(train["image"], train["label"]))
+    n = int(config.grid.per_class)
+    save_grid(
+        (images[: len(grid_labels)] + 1) / 2,
+        workdir / "final_samples.png",
+        nrow=n,
+        row_labels=[f"class {c}" for c in np.unique(grid_labels)],
+        scale=max(1, 64 // images.shape[1]),
+    )
+    return result
+
+
+def _finish(report: dict, workdir: Path, writer: MetricsWriter, t_start: float) -> dict:
+    writer.close()
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    report["device"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    if jax.process_index() == 0:
+        (workdir / "report.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,26 @@
+"""Defaults of a train stage's config section, so that configs list only what they change."""
+
+
+def train_section(**overrides) -> dict:
+    """The fields of a `train_<stage>` config section (read by jaxgen.train.loop.train_stage), with overrides."""
+    section = dict(
+        steps=1000,
+        batch_size=64,  # global batch
+        accum_steps=1,  # micro-batches per step (gradients averaged)
+        lr=1e-3,
+        min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
+        warmup_steps=50,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.0,
+        grad_clip=1.0,  # global-norm clip, 0 = off
+        ema_decay=0.99,
+        compute_dtype="float32",  # "bfloat16": bf16 matmuls/convs, float32 params
+        log_every=25,
+        ckpt_every=250,  # a multiple of log_every
+        keep_checkpoints=2,  # the latest N, plus the one with the lowest logged loss
+        sample_every=500,  # grids from the EMA params (0 = only at the end)
+        rec_loss="l1",  # tokenizer stage: "l1" | "l2"
+    )
+    section.update(overrides)
+    return section

@@ -1,0 +1,74 @@
+"""The pure train step: gradients (optionally accumulated over micro-batches), one optimizer update, EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgen.train.state import TrainState
+
+# (params, batch, rng, frozen) -> (loss, metrics): `frozen` holds params that are read, not trained (e.g. the
+# tokenizer under a generator). Metrics are float32 scalars averaged like the loss.
+LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _microbatches(batch: dict, accum_steps: int) -> dict:
+    """`[B, ...]` -> `[A, B/A, ...]` with micro-batch i = rows i, i+A, i+2A... so that each micro-batch is spread
+    over all the devices that hold the batch (a contiguous split would leave most of them idle)."""
+
+    def split(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    ema_decay: float,
+    accum_steps: int = 1,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns the pure `train_step(state, batch, frozen) -> (state, metrics)`; the caller jits it (with shardings
+    and `donate_argnums=0`). Gradients of `accum_steps` micro-batches are averaged before the single update, so the
+    result equals one step on the whole batch up to float summation order."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict, frozen: Any = None):
+        key = jax.random.wrap_key_data(state.rng)
+        next_key, step_key = jax.random.split(key)
+        if accum_steps == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, step_key, frozen)
+        else:
+
+            def body(carry, xs):
+                micro, k = xs
+                (mb_loss, m), g = grad_fn(state.params, micro, k, frozen)
+                return jax.tree.map(jnp.add, carry, (mb_loss, m, g)), None
+
+            zeros = jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, accum_steps)), step_key, frozen
+            )
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1]))
+            keys = jax.random.split(step_key, accum_steps)
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (_microbatches(batch, accum_steps), keys))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=jax.random.key_data(next_key)
+        )
+        return new_state, metrics
+
+    return train_step

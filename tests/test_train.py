@@ -1,0 +1,256 @@
+"""The train system end to end on the embedded digits: the binary's outputs, exact resume after a kill, the NaN
+stop, bad input, and the train step's algebra (accumulation, sharding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen as nn
+
+from jaxgen.config_util import load_config
+from jaxgen.parallel import mesh as mesh_lib
+from jaxgen.parallel import partition
+from jaxgen.parallel.rules import rules_from_config
+from jaxgen.train.loop import TrainingError, build_models, train_and_evaluate
+from jaxgen.train.optim import make_optimizer
+from jaxgen.train.state import create_state
+from jaxgen.train.step import make_train_step
+from jaxgen.train.tasks import generator_task, tokenizer_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_var(steps_tok=6, steps_gen=6, **data):
+    """digits_var:smoke made smaller still: the tests' model."""
+    cfg = load_config(str(REPO / "configs/digits_var.py:smoke"))
+    cfg.vae.update(ch=32, vocab_size=32, z_channels=8)
+    cfg.var.update(depth=1, embed_dim=32, num_heads=2)
+    for name, steps in (("train_tokenizer", steps_tok), ("train_generator", steps_gen)):
+        cfg[name].update(steps=steps, batch_size=16, log_every=2, ckpt_every=2, sample_every=0, keep_checkpoints=3)
+    cfg.data.update(data)
+    return cfg
+
+
+def _run_main(args, env_extra=None, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxgen.main", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["digits_var", "digits_llamagen"])
+def test_smoke_binary_writes_checkpoint_grid_metrics_report(tmp_path, name):
+    """The smoke variants through the real binary: checkpoints, PNGs, metrics.jsonl with step + metric names,
+    TensorBoard events and a report with the class-fidelity figure."""
+    proc = _run_main([f"--config=configs/{name}.py:smoke", f"--workdir={tmp_path}"])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0.0 <= report["generator"]["class_fidelity"] <= 1.0
+    assert report["generator"]["classifier_accuracy_real"] > 0.85
+    assert "psnr" in report["tokenizer"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"tokenizer", "generator"} == {x["stage"] for x in lines}
+    assert all("step" in x and "loss" in x for x in lines)
+    assert any("psnr" in x and "codebook_usage" in x for x in lines if x["stage"] == "tokenizer")
+    for stage in ("tokenizer", "generator"):
+        assert ocp.CheckpointManager(tmp_path / stage / "checkpoints").latest_step() == 10
+        assert list((tmp_path / stage / "samples").glob("*.png"))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "final_samples.png").is_file()
+    assert "parameters:" in err and "total:" in err and "steps/s" in err
+
+
+def _final_params(workdir: Path, stage: str):
+    with ocp.CheckpointManager(workdir / stage / "checkpoints") as mngr:
+        step = mngr.latest_step()
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored["state"]
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path):
+    """Kill a run (SIGKILL, possibly mid-save) after its first checkpoint, rerun: the final state equals the
+    state of an uninterrupted run bit for bit (CPU), data order included."""
+    steps = 100
+    overrides = [
+        "--config.stages=('tokenizer',)", f"--config.train_tokenizer.steps={steps}",
+        "--config.train_tokenizer.ckpt_every=5", "--config.train_tokenizer.log_every=5",
+        "--config.train_tokenizer.sample_every=0", "--config.train_tokenizer.batch_size=16",
+        "--config.vae.ch=32", "--config.vae.vocab_size=32",
+    ]  # fmt: skip
+    base = ["--config=configs/digits_var.py:smoke", *overrides]
+    ref = _run_main([*base, f"--workdir={tmp_path / 'ref'}"])
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-3000:]
+
+    killed = _run_main([*base, f"--workdir={tmp_path / 'resumed'}"])
+    ckpts = tmp_path / "resumed" / "tokenizer" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    first = ocp.CheckpointManager(ckpts).latest_step()
+    assert first is not None and first < steps, f"the run was not interrupted (latest step {first})"
+    resumed = _run_main([*base, f"--workdir={tmp_path / 'resumed'}"])
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from step" in err
+
+    step_a, a = _final_params(tmp_path / "ref", "tokenizer")
+    step_b, b = _final_params(tmp_path / "resumed", "tokenizer")
+    assert step_a == step_b == steps
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = _tiny_var(steps_tok=4)
+    cfg.stages = ("tokenizer",)
+    train_and_evaluate(cfg, tmp_path)  # 4 good steps, checkpointed
+    cfg.train_tokenizer.update(steps=12, lr=1e30, grad_clip=0.0, warmup_steps=0)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*last good checkpoint \(step \d+\)"):
+        train_and_evaluate(cfg, tmp_path)
+    step, state = _final_params(tmp_path, "tokenizer")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_workdir_of_another_model_is_refused_untouched(tmp_path):
+    cfg = _tiny_var(steps_tok=2)
+    cfg.stages = ("tokenizer",)
+    train_and_evaluate(cfg, tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    model_json = (tmp_path / "tokenizer" / "model.json").read_text()
+    cfg.vae.vocab_size = 64
+    with pytest.raises(ValueError, match=r"different model.*vae\.vocab_size: 32 -> 64.*Nothing was overwritten"):
+        train_and_evaluate(cfg, tmp_path)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "tokenizer" / "model.json").read_text() == model_json
+
+
+def test_image_size_that_does_not_fit_the_tokenizer(tmp_path):
+    cfg = _tiny_var(image_size=32)
+    with pytest.raises(ValueError, match=r"data.image_size=32 does not fit the tokenizer.*= 16 px"):
+        train_and_evaluate(cfg, tmp_path)
+    assert not any(tmp_path.iterdir())
+    cfg = load_config(str(REPO / "configs/digits_llamagen.py:smoke"))
+    cfg.data.image_size = 24
+    with pytest.raises(ValueError, match=r"12x12 tokens, but gpt.block_size=64"):
+        train_and_evaluate(cfg, tmp_path)
+
+
+def test_misspelled_override_is_named():
+    proc = _run_main(["--config=configs/digits_var.py:smoke", "--workdir=/tmp/unused", "--config.train_tokenizr.lr=1"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "train_tokenizr" in err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    cfg = _tiny_var(source=f"folder:{tmp_path / 'nope'}")
+    with pytest.raises((ValueError, FileNotFoundError), match="nope"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# ---- the step's algebra -----------------------------------------------------------------------------------------
+
+
+def _var_generator_setup(batch_size=16, seed=0):
+    cfg = _tiny_var()
+    family, tok, gen = build_models(cfg)
+    task = generator_task("var", tok, gen)
+    tok_params = tok.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    tok_params = nn.unbox(tok_params)
+    rng = np.random.default_rng(seed)
+    seq = sum(p * p for p in cfg.vae.patch_nums)
+    batch = {
+        "tokens": jnp.asarray(rng.integers(0, cfg.vae.vocab_size, (batch_size, seq)), jnp.int32),
+        "label": jnp.asarray(rng.integers(0, 10, (batch_size,)), jnp.int32),
+    }
+    return cfg, task, tok_params, batch
+
+
+def _init_state(task, tc, seed=0):
+    tx = make_optimizer(tc)
+    key = jax.random.key(seed)
+    params = nn.unbox(task.module.init(key, *task.init_args)["params"])
+    return tx, create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """2 micro-batches of 8 == one batch of 16 (label dropout off so both see the same labels): the update differs
+    only by float32 summation order (tolerance 1e-5 relative on params after 2 steps)."""
+    cfg, task, tok_params, batch = _var_generator_setup()
+    cfg.var.cond_drop_rate = 0.0
+    _, tok, gen = build_models(cfg)
+    task = generator_task("var", tok, gen)
+    tc = cfg.train_generator
+    tx, state = _init_state(task, tc)
+    outs = []
+    for accum in (1, 2):
+        step = jax.jit(make_train_step(task.loss_fn, tx, ema_decay=0.9, accum_steps=accum))
+        s = state
+        for _ in range(2):
+            s, m = step(s, batch, tok_params)
+        outs.append((s, m))
+    (s1, m1), (s2, m2) = outs
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_step_equals_single_device_step():
+    """A data=2 x fsdp=2 x tensor=2 step on 8 CPU devices gives the loss and params of the single-device step.
+    Tolerance: 1e-5 relative / 1e-6 absolute, for float32 sums split across devices in another order; params are
+    checked to be sharded as the rules say (the fsdp rule splits 'embed' dims)."""
+    cfg, task, tok_params, batch = _var_generator_setup()
+    tc = cfg.train_generator
+    tx, state = _init_state(task, tc)
+    step = make_train_step(task.loss_fn, tx, ema_decay=0.9)
+    single_state, single_m = jax.jit(step)(state, batch, tok_params)
+
+    mesh = mesh_lib.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = rules_from_config(cfg.parallel.rules)
+    key = jax.random.key(0)
+
+    def init_boxed():
+        params = task.module.init(key, *task.init_args)["params"]
+        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    shardings = partition.tree_shardings(partition.abstract_boxed(init_boxed), mesh, rules)
+    sharded = jax.device_put(state, shardings)
+    sharded_batch = partition.shard_batch(jax.device_get(batch), mesh, rules)
+    with partition.activation_rules(mesh, rules):
+        new_state, m = jax.jit(step, out_shardings=(shardings, None))(sharded, sharded_batch, tok_params)
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(new_state.params)}
+    assert any("fsdp" in s for s in specs), specs
+    assert any("tensor" in s for s in specs), specs
+    np.testing.assert_allclose(m["loss"], single_m["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_tokenizer_task_reports_reconstruction_metrics():
+    cfg = _tiny_var()
+    _, tok, _ = build_models(cfg)
+    task = tokenizer_task(tok)
+    params = nn.unbox(tok.init(jax.random.key(0), *task.init_args)["params"])
+    img = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
+    loss, m = task.loss_fn(params, {"image": img}, None, None)
+    rec, vq_loss, _ = tok.apply({"params": params}, img)
+    np.testing.assert_allclose(m["rec_loss"], np.mean(np.abs(np.asarray(rec) - np.asarray(img))), rtol=1e-6)
+    np.testing.assert_allclose(loss, m["rec_loss"] + vq_loss, rtol=1e-6)
+    mse = np.mean((np.clip(np.asarray(rec), -1, 1) - np.asarray(img)) ** 2)
+    np.testing.assert_allclose(m["psnr"], 10 * np.log10(4 / mse), rtol=1e-5)
+    assert 0 < float(m["codebook_usage"]) <= 1
