@@ -246,6 +246,7 @@ def _tokenizer_sample_fn(tokenizer, config, stage_dir: Path) -> Callable[[Any, i
 
 
 def _generate(sampler, gen_params, tok_params, labels, key) -> np.ndarray:
+    """Class-conditional samples `[B, H, W, 3]` in [0, 1] (the samplers' output range)."""
     out = sampler(gen_params, tok_params, labels, key)
     return np.asarray(jax.device_get(out.images))
 
@@ -315,7 +316,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     def sample_grid(params, step):
         images = _generate(sampler, params, tok_params, grid_labels, jax.random.key(int(config.seed) + step))
         save_grid(
-            (images + 1) / 2,
+            images,
             workdir / "generator" / "samples" / f"samples_{step:06d}.png",
             nrow=int(config.grid.per_class),
             row_labels=[f"class {c}" for c in np.unique(grid_labels)],
@@ -358,11 +359,11 @@ def _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdi
         images.append(_generate(sampler, gen_params, tok_params, grid_labels, jax.random.key(10_000 + i)))
         labels.append(grid_labels)
     images, labels = np.concatenate(images), np.concatenate(labels)
-    result = classifier.score(images, labels)
+    result = classifier.score(images * 2.0 - 1.0, labels)  # the classifier reads [-1, 1], as the data pipeline
     result["classifier_accuracy_real"] = float(classifier.real_accuracy(train["image"], train["label"]))
     n = int(config.grid.per_class)
     save_grid(
-        (images[: len(grid_labels)] + 1) / 2,
+        images[: len(grid_labels)],
         workdir / "final_samples.png",
         nrow=n,
         row_labels=[f"class {c}" for c in np.unique(grid_labels)],
