@@ -77,7 +77,7 @@ def speedup_ratios(results: Sequence[dict], key: str = "images_per_s") -> dict[s
     """{"<dtype>_b<batch>": jaxgen / official} of `key` for every official result with a jaxgen twin."""
     ratios = {}
     for r in results:
-        if r["impl"] != OFFICIAL:
+        if r.get("impl") != OFFICIAL:
             continue
         ours = [x for x in results if x["impl"] == "jaxgen" and x["batch"] == r["batch"] and x["dtype"] == r["dtype"]]
         if ours:

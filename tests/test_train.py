@@ -83,7 +83,7 @@ def _final_params(workdir: Path, stage: str):
 def test_kill_and_resume_is_bit_exact(tmp_path):
     """Kill a run (SIGKILL, possibly mid-save) after its first checkpoint, rerun: the final state equals the
     state of an uninterrupted run bit for bit (CPU), data order included."""
-    steps = 100
+    steps = 30
     overrides = [
         "--config.stages=('tokenizer',)", f"--config.train_tokenizer.steps={steps}",
         "--config.train_tokenizer.ckpt_every=5", "--config.train_tokenizer.log_every=5",
