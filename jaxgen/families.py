@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -55,11 +56,12 @@ def family_of(config) -> Family:
 
 
 def param_shapes(family: Family, tokenizer, generator) -> dict[str, Any]:
-    """{tokenizer key: shapes, generator key: shapes} from `jax.eval_shape` (nothing allocated)."""
+    """{tokenizer key: shapes, generator key: shapes} from `jax.eval_shape` (nothing allocated), plain
+    ShapeDtypeStructs (logical-axis boxes stripped)."""
     tok_in, gen_in = family.init_inputs(tokenizer, generator)
     key = jax.random.key(0)
-    return {family.tokenizer: jax.eval_shape(tokenizer.init, key, *tok_in)["params"],
-            family.generator: jax.eval_shape(generator.init, key, *gen_in)["params"]}  # fmt: skip
+    return nn.unbox({family.tokenizer: jax.eval_shape(tokenizer.init, key, *tok_in)["params"],
+                     family.generator: jax.eval_shape(generator.init, key, *gen_in)["params"]})  # fmt: skip
 
 
 def init_family_params(family: Family, tokenizer, generator, seed: int) -> dict[str, Any]:

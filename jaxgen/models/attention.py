@@ -1,7 +1,8 @@
 """The attention op shared by the generators.
 
 `dot_product_attention` is the dense ("xla") backend: q `[B, H, Lq, D]`, k / v `[B, H, Lk, D]`, an optional boolean
-mask `[Lq, Lk]` (True = may attend). Logits and softmax run in float32 whatever the input dtype.
+mask `[Lq, Lk]` (True = may attend). Logits and softmax run in float32 whatever the input dtype. The output carries
+the logical axes ('batch', 'heads', 'length', 'kv') (a no-op outside a mesh, see `jaxgen.models.layers.constrain`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+from jaxgen.models.layers import constrain
 
 
 def dot_product_attention(
@@ -25,7 +28,7 @@ def dot_product_attention(
     if mask_ll is not None:
         logits = jnp.where(jnp.asarray(mask_ll), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v_bhld.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v_bhld)
+    return constrain(jnp.einsum("bhqk,bhkd->bhqd", weights, v_bhld), ("batch", "heads", "length", "kv"))
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:

@@ -4,15 +4,53 @@ RoPE tables are numpy float32 `[L, D/2, 2]` holding (cos, sin) per position and 
 adjacent pairs (2m, 2m+1) of a head vector as (real, imag), the Meta-LLaMA "interleaved" convention (not the
 half-split `rotate_half` one). The first `cls_token_num` rows of a table are all zeros (cos = 0 and sin = 0), as in
 LlamaGen: RoPE maps the class token's q and k to exactly 0.
+
+Logical axes: every parameter initialiser is wrapped in `logical(init, names)` (one logical axis name per dimension,
+mapped to mesh axes by `jaxgen.parallel.rules`). `module.init` returns plain arrays, as before, unless called inside
+`keep_logical_boxes()`, where each param comes boxed in `nn.LogicallyPartitioned` (what `jaxgen.parallel.partition`
+reads to build shardings). The values are the same either way.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+# Whether initialisers return `nn.LogicallyPartitioned` boxes. A jit cache key (a `jax.make_user_context`), so a
+# function traced outside the context is re-traced inside it rather than reused without its boxes.
+_KEEP_BOXES = jax.make_user_context(default_value=False)
+
+
+def keep_logical_boxes(enabled: bool = True):
+    """Context manager: inside it, initialisers wrapped by `logical` box their params with logical axis names."""
+    return _KEEP_BOXES(enabled)
+
+
+def logical(init: Callable, names: Sequence[str | None]) -> Callable:
+    """`init` whose value carries one logical axis name per dimension (boxed only inside `keep_logical_boxes()`)."""
+    names = tuple(names)
+    boxed = nn.with_logical_partitioning(init, names)
+
+    def wrapped(*args, **kwargs):
+        if not _KEEP_BOXES.value:
+            return init(*args, **kwargs)
+        box = boxed(*args, **kwargs)
+        if box.value.ndim != len(names):
+            raise ValueError(f"logical axis names {names} do not fit a parameter of shape {box.value.shape}")
+        return box
+
+    return wrapped
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`nn.with_logical_constraint(x, names)`: a sharding hint for an activation; a no-op unless logical axis rules
+    (`nn.logical_axis_rules`) and a mesh (`jax.set_mesh`) are both set."""
+    return nn.with_logical_constraint(x, tuple(names))
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +60,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + np.float32(self.eps))
         return x * scale

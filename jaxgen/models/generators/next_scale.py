@@ -4,6 +4,9 @@ Sequence layout: the S scales' token maps (p_k x p_k, row-major) concatenated, L
 class "start" token, the others are the teacher-forcing inputs `[B, L - p_0^2, Cvae]` (see
 `MultiScaleResidualQuantizer.teacher_forcing_input`). Attention is scale-causal: a token sees its own scale and all
 coarser ones. Parameter names follow upstream (`blocks_3/attn/mat_qkv` for `blocks.3.attn.mat_qkv`).
+
+Logical axes (`jaxgen.parallel.rules`): width C 'embed', packed q|k|v 'qkv', heads * head_dim 'heads', FFN hidden
+'mlp', AdaLN outputs 'adaln', vocabulary 'vocab', tokenizer code width 'latent', token positions 'length'.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from jaxgen.models.attention import dot_product_attention, l2_normalize
+from jaxgen.models.layers import constrain, logical
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per block: (k, v), each [B, H, L_so_far, head_dim]
 
@@ -86,6 +90,12 @@ def _trunc(std: float):
     return nn.initializers.truncated_normal(std)
 
 
+def _dense(features: int, kernel_init, names: tuple[str, str], use_bias: bool = True, **kw) -> nn.Dense:
+    """nn.Dense with logical axis names (in, out) on the kernel and (out,) on the (zero-initialised) bias."""
+    bias_init = logical(nn.initializers.zeros_init(), names[1:])
+    return nn.Dense(features, use_bias=use_bias, kernel_init=logical(kernel_init, names), bias_init=bias_init, **kw)
+
+
 def _ada_lin_init(std: float, width: int, gamma_gain: float = 1e-5, gain: float = 0.5):
     """AdaLN linear init: gammas (first 2 chunks) near zero so each block starts as the identity."""
 
@@ -113,15 +123,16 @@ class SelfAttention(nn.Module):
     ):
         b, seq, c = x_blc.shape
         h, hd = self.num_heads, c // self.num_heads
-        qkv = nn.Dense(3 * c, use_bias=False, kernel_init=_trunc(self.init_std), dtype=self.dtype, name="mat_qkv")(
-            x_blc
-        )
-        q_bias = self.param("q_bias", nn.initializers.zeros, (c,))
-        v_bias = self.param("v_bias", nn.initializers.zeros, (c,))
+        qkv_init = _trunc(self.init_std)
+        qkv = _dense(3 * c, qkv_init, ("embed", "qkv"), use_bias=False, dtype=self.dtype, name="mat_qkv")(x_blc)
+        q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads",)), (c,))
+        v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads",)), (c,))
         qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         q, k, v = jnp.transpose(qkv.reshape(b, seq, 3, h, hd), (2, 0, 3, 1, 4))  # 3 x [B, H, L, hd]
+        q, k, v = (constrain(t, ("batch", "heads", "length", "kv")) for t in (q, k, v))
         if self.l2_norm:
-            log_scale = self.param("scale_mul_1H11", nn.initializers.constant(math.log(4.0)), (h,))
+            log_init = logical(nn.initializers.constant(math.log(4.0)), ("heads",))
+            log_scale = self.param("scale_mul_1H11", log_init, (h,))
             scale_mul = jnp.exp(jnp.minimum(log_scale, np.float32(math.log(100.0))))
             q = (l2_normalize(q) * scale_mul[None, :, None, None].astype(q.dtype)).astype(q.dtype)
             k = l2_normalize(k)
@@ -132,8 +143,8 @@ class SelfAttention(nn.Module):
             k = jnp.concatenate([cache[0], k], axis=2)
             v = jnp.concatenate([cache[1], v], axis=2)
         out = dot_product_attention(q, k, v, mask_ll=mask_ll, scale=scale)
-        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, seq, c)
-        out = nn.Dense(c, kernel_init=_trunc(self.out_std), dtype=self.dtype, name="proj")(out)
+        out = constrain(jnp.transpose(out, (0, 2, 1, 3)).reshape(b, seq, c), ("batch", "length", "heads"))
+        out = _dense(c, _trunc(self.out_std), ("heads", "embed"), dtype=self.dtype, name="proj")(out)
         return out.astype(jnp.float32), (k, v)
 
 
@@ -146,9 +157,9 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        h = nn.Dense(self.hidden, kernel_init=_trunc(self.init_std), dtype=self.dtype, name="fc1")(x)
-        h = nn.gelu(h, approximate=True)
-        return nn.Dense(c, kernel_init=_trunc(self.out_std), dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
+        h = _dense(self.hidden, _trunc(self.init_std), ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        h = constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        return _dense(c, _trunc(self.out_std), ("mlp", "embed"), dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
 
 
 def _layer_norm(eps: float) -> nn.LayerNorm:
@@ -183,10 +194,12 @@ class AdaLNSelfAttn(nn.Module):
     @nn.compact
     def __call__(self, x_blc, cond, mask_ll=None, cache=None, train: bool = False):
         c = self.embed_dim
+        x_blc = constrain(x_blc, ("batch", "length", "embed"))
         if self.shared_aln:  # cond: [B, 6, C] from the shared projection
-            gss = self.param("ada_gss", nn.initializers.normal(c**-0.5), (6, c)) + cond
+            gss = self.param("ada_gss", logical(nn.initializers.normal(c**-0.5), (None, "embed")), (6, c)) + cond
         else:  # cond: [B, D]
-            gss = nn.Dense(6 * c, kernel_init=_ada_lin_init(self.init_std, c), name="ada_lin")(nn.silu(cond))
+            ada_init = _ada_lin_init(self.init_std, c)
+            gss = _dense(6 * c, ada_init, ("embed", "adaln"), name="ada_lin")(nn.silu(cond))
             gss = gss.reshape(-1, 6, c)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (gss[:, None, i] for i in range(6))  # [B, 1, C]
         ln = _layer_norm(self.norm_eps)
@@ -200,7 +213,7 @@ class AdaLNSelfAttn(nn.Module):
             (ln(x_blc) * (1 + scale2) + shift2).astype(self.dtype)
         )
         x_blc = x_blc + _drop_path(ffn_out * gamma2, self.drop_path, rngs[1])
-        return x_blc, kv
+        return constrain(x_blc, ("batch", "length", "embed")), kv
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -212,7 +225,7 @@ class AdaLNBeforeHead(nn.Module):
     @nn.compact
     def __call__(self, x_blc, cond_bd):
         c = x_blc.shape[-1]
-        ss = nn.Dense(2 * c, kernel_init=_trunc(self.init_std * 0.5), name="ada_lin")(nn.silu(cond_bd))
+        ss = _dense(2 * c, _trunc(self.init_std * 0.5), ("embed", "adaln"), name="ada_lin")(nn.silu(cond_bd))
         scale, shift = ss.reshape(-1, 2, c)[:, None, 0], ss.reshape(-1, 2, c)[:, None, 1]
         return _layer_norm(self.norm_eps)(x_blc) * (1 + scale) + shift
 
@@ -228,13 +241,14 @@ class NextScaleTransformer(nn.Module):
         dtype = jnp.dtype(c.dtype)
         init_std = math.sqrt(1 / w / 3)
         out_std = init_std / math.sqrt(2 * c.depth)
-        self.word_embed = nn.Dense(w, kernel_init=_trunc(init_std))
-        self.class_emb = nn.Embed(c.num_classes + 1, w, embedding_init=_trunc(init_std))  # last row: null class
-        self.pos_start = self.param("pos_start", _trunc(init_std), (c.first_l, w))
-        self.pos_1LC = self.param("pos_1LC", _trunc(init_std), (c.seq_len, w))
-        self.lvl_embed = nn.Embed(len(c.patch_nums), w, embedding_init=_trunc(init_std))
+        self.word_embed = _dense(w, _trunc(init_std), ("latent", "embed"))
+        # last row of class_emb: the null class
+        self.class_emb = nn.Embed(c.num_classes + 1, w, embedding_init=logical(_trunc(init_std), ("classes", "embed")))
+        self.pos_start = self.param("pos_start", logical(_trunc(init_std), ("length", "embed")), (c.first_l, w))
+        self.pos_1LC = self.param("pos_1LC", logical(_trunc(init_std), ("length", "embed")), (c.seq_len, w))
+        self.lvl_embed = nn.Embed(len(c.patch_nums), w, embedding_init=logical(_trunc(init_std), ("scales", "embed")))
         if c.shared_aln:
-            self.shared_ada_lin = nn.Dense(6 * w, kernel_init=_ada_lin_init(init_std, w))
+            self.shared_ada_lin = _dense(6 * w, _ada_lin_init(init_std, w), ("embed", "adaln"))
         dpr = np.linspace(0, c.drop_path_rate, c.depth)
         self.blocks = [
             AdaLNSelfAttn(
@@ -252,7 +266,7 @@ class NextScaleTransformer(nn.Module):
             for i in range(c.depth)
         ]
         self.head_nm = AdaLNBeforeHead(c.norm_eps, init_std)
-        self.head = nn.Dense(c.vocab_size, kernel_init=_trunc(init_std * 0.02))
+        self.head = _dense(c.vocab_size, _trunc(init_std * 0.02), ("embed", "vocab"))
 
     # ---- pieces shared by teacher forcing and sampling --------------------------------------------------------------
     def level_pos(self) -> jax.Array:
@@ -261,7 +275,7 @@ class NextScaleTransformer(nn.Module):
 
     def cond_embed(self, labels_b: jax.Array) -> jax.Array:
         """Class labels `[B]` (num_classes = null) -> condition `[B, C]`."""
-        return self.class_emb(labels_b)
+        return constrain(self.class_emb(labels_b), ("batch", "embed"))
 
     def first_tokens(self, cond_bd: jax.Array) -> jax.Array:
         """The start tokens `[B, first_l, C]` of scale 0."""
@@ -281,7 +295,7 @@ class NextScaleTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x_blc, kv = block(x_blc, cond, mask_ll, None if caches is None else caches[i], train)
             new_caches.append(kv)
-        logits = self.head(self.head_nm(x_blc, cond_bd))
+        logits = constrain(self.head(self.head_nm(x_blc, cond_bd)), ("batch", "length", "vocab"))
         return logits.astype(jnp.float32), new_caches
 
     def decode_scale(self, x_blc: jax.Array, cond_bd: jax.Array, caches: KVCache | None):

@@ -8,6 +8,9 @@ k are exactly 0. Parameter names follow upstream (`layers_3/attention/wqkv` for 
 
 Sampling runs with a functional KV cache: `init_cache` -> `prefill` (the class token, position 0) -> `decode_step`
 (the previous token at position 1, 2, ..., a traced int32, so the step compiles once and runs inside `lax.scan`).
+
+Logical axes (`jaxgen.parallel.rules`): width 'embed', packed q|k|v 'qkv', heads * head_dim 'heads', SwiGLU hidden
+'mlp', vocabulary 'vocab', class table rows 'classes', norm scales 'norm'.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxgen.models.layers import RMSNorm, apply_rope, rope_1d_table, rope_2d_table
+from jaxgen.models.layers import RMSNorm, apply_rope, constrain, logical, rope_1d_table, rope_2d_table
 
 # Per layer (k, v), each [B, kv_heads, max_len, head_dim] in the compute dtype; slot p holds sequence position p.
 # Head-major, so a decode step reads each head's keys contiguously (no per-step transpose of the cache).
@@ -163,8 +166,10 @@ def grouped_attention(
     return out.reshape(b, lq, h, d)
 
 
-def _dense(features: int, dtype, std: float = 0.02, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
+def _dense(features: int, dtype, names: tuple[str, str], std: float = 0.02, name: str | None = None) -> nn.Dense:
+    """Bias-free nn.Dense, kernel N(0, std^2) with logical axis names (in, out)."""
+    kernel_init = logical(nn.initializers.normal(std), names)
+    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
 class Attention(nn.Module):
@@ -181,21 +186,22 @@ class Attention(nn.Module):
         the queries attend over all S slots. Returns (out `[B, L, C]` float32, updated (k, v) or None)."""
         b, seq, c = x_bld.shape
         hd = c // self.n_head
-        qkv = _dense((self.n_head + 2 * self.kv_heads) * hd, self.dtype, name="wqkv")(x_bld)
+        qkv = _dense((self.n_head + 2 * self.kv_heads) * hd, self.dtype, ("embed", "qkv"), name="wqkv")(x_bld)
         q, k, v = jnp.split(qkv, [self.n_head * hd, (self.n_head + self.kv_heads) * hd], axis=-1)
         q = apply_rope(q.reshape(b, seq, self.n_head, hd), rope_lp2)
         k = jnp.swapaxes(apply_rope(k.reshape(b, seq, self.kv_heads, hd), rope_lp2), 1, 2)  # [B, K, L, hd]
         v = jnp.swapaxes(v.reshape(b, seq, self.kv_heads, hd), 1, 2)
-        new_cache = None
+        q = constrain(q, ("batch", "length", "heads", "kv"))
         if cache is not None:
             k_cache, v_cache = cache
             zero = jnp.zeros((), jnp.int32)
             idx = (zero, zero, jnp.asarray(start, jnp.int32), zero)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
-            new_cache = (k, v)
-        out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(hd))
-        out = _dense(c, self.dtype, name="wo")(out.reshape(b, seq, c))
+        k, v = (constrain(t, ("batch", "heads", "length", "kv")) for t in (k, v))
+        new_cache = None if cache is None else (k, v)
+        out = constrain(grouped_attention(q, k, v, mask, 1.0 / math.sqrt(hd)), ("batch", "length", "heads", "kv"))
+        out = _dense(c, self.dtype, ("heads", "embed"), name="wo")(out.reshape(b, seq, c))
         return out.astype(jnp.float32), new_cache
 
 
@@ -208,9 +214,11 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x_bld):
         c = x_bld.shape[-1]
-        gate = nn.silu(_dense(self.hidden, self.dtype, name="w1")(x_bld))
-        h = gate * _dense(self.hidden, self.dtype, name="w3")(x_bld)
-        return _dense(c, self.dtype, name="w2")(h).astype(jnp.float32)
+        gate = nn.silu(_dense(self.hidden, self.dtype, ("embed", "mlp"), name="w1")(x_bld))
+        h = constrain(
+            gate * _dense(self.hidden, self.dtype, ("embed", "mlp"), name="w3")(x_bld), ("batch", "length", "mlp")
+        )
+        return _dense(c, self.dtype, ("mlp", "embed"), name="w2")(h).astype(jnp.float32)
 
 
 class TransformerBlock(nn.Module):
@@ -220,6 +228,7 @@ class TransformerBlock(nn.Module):
     def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
+        x_bld = constrain(x_bld, ("batch", "length", "embed"))
         attn_in = RMSNorm(c.norm_eps, name="attention_norm")(x_bld).astype(dtype)
         attn_out, new_cache = Attention(c.n_head, c.kv_heads, dtype, name="attention")(
             attn_in, rope_lp2, mask, cache, start
@@ -228,7 +237,7 @@ class TransformerBlock(nn.Module):
         ffn_out = FeedForward(c.ffn_hidden, dtype, name="feed_forward")(
             RMSNorm(c.norm_eps, name="ffn_norm")(h).astype(dtype)
         )
-        return h + ffn_out, new_cache
+        return constrain(h + ffn_out, ("batch", "length", "embed")), new_cache
 
 
 class NextTokenTransformer(nn.Module):
@@ -240,15 +249,18 @@ class NextTokenTransformer(nn.Module):
     def setup(self):
         c = self.config
         emb_init = nn.initializers.normal(0.02)
-        self.cls_embedding = nn.Embed(c.class_rows, c.dim, embedding_init=emb_init)  # last row: the null class
-        self.tok_embeddings = nn.Embed(c.vocab_size, c.dim, embedding_init=emb_init)
+        # last row of cls_embedding: the null class
+        self.cls_embedding = nn.Embed(c.class_rows, c.dim, embedding_init=logical(emb_init, ("classes", "embed")))
+        self.tok_embeddings = nn.Embed(c.vocab_size, c.dim, embedding_init=logical(emb_init, ("vocab", "embed")))
         self.layers = [TransformerBlock(c) for _ in range(c.n_layer)]
         self.norm = RMSNorm(c.norm_eps)
         # Upstream zero-initialises the output layer.
-        self.output = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype), kernel_init=nn.zeros)
+        out_init = logical(nn.initializers.zeros, ("embed", "vocab"))
+        self.output = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype), kernel_init=out_init)
 
     def _head(self, x_bld: jax.Array) -> jax.Array:
-        return self.output(self.norm(x_bld).astype(jnp.dtype(self.config.dtype))).astype(jnp.float32)
+        logits = self.output(self.norm(x_bld).astype(jnp.dtype(self.config.dtype)))
+        return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
     def _trunk(self, x_bld, rope_lp2, mask, cache: KVCache | None = None, start=None):
         new_cache = []

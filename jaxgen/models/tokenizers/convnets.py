@@ -3,6 +3,9 @@
 Layout is NHWC throughout: images `[B, H, W, 3]`, feature maps `[B, h, w, C]`.
 Sub-module names follow the upstream PyTorch names (`down_0/block_1/conv1` for
 `down.0.block.1.conv1`) so that checkpoint converters map keys mechanically.
+
+Logical axes (`jaxgen.parallel.rules`): conv kernels ('conv_h', 'conv_w', 'conv_in', 'conv_out'), biases
+('conv_out',), GroupNorm scale / bias ('norm',); feature maps ('batch', 'height', 'width', 'conv_out').
 """
 
 from __future__ import annotations
@@ -14,15 +17,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.models.layers import constrain, logical
 from jaxgen.models.tokenizers.resize import nearest_upsample_2x
 
 NUM_GROUPS = 32  # every GroupNorm in this family has 32 groups
 GN_EPS = 1e-6
+FMAP_AXES = ("batch", "height", "width", "conv_out")  # logical axes of a feature map [B, h, w, C]
 
 
 def group_norm(name: str | None = None, dtype: Any = jnp.float32) -> nn.GroupNorm:
     """GroupNorm(32, eps 1e-6) with the exact (two-pass) variance, as torch computes it."""
-    return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=GN_EPS, use_fast_variance=False, dtype=dtype, name=name)
+    return nn.GroupNorm(
+        num_groups=NUM_GROUPS,
+        epsilon=GN_EPS,
+        use_fast_variance=False,
+        dtype=dtype,
+        scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+        bias_init=logical(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
 
 
 def conv(
@@ -31,7 +44,16 @@ def conv(
     """A 2D conv with torch's 'same' padding (kernel // 2) unless `padding` is given."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        kernel_init=logical(nn.linear.default_kernel_init, ("conv_h", "conv_w", "conv_in", "conv_out")),
+        bias_init=logical(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
 
 
 class ResnetBlock(nn.Module):
@@ -169,11 +191,11 @@ class Encoder(nn.Module):
         self.conv_out = conv(self.z_channels, 3, dtype=self.dtype)
 
     def __call__(self, img_bhwc: jax.Array) -> jax.Array:
-        h = self.conv_in(img_bhwc.astype(self.dtype))
+        h = constrain(self.conv_in(img_bhwc.astype(self.dtype)), FMAP_AXES)
         for level in self.down:
-            h = level(h)
+            h = constrain(level(h), FMAP_AXES)
         h = self.mid(h)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+        return constrain(self.conv_out(nn.silu(self.norm_out(h))), FMAP_AXES)
 
 
 class Decoder(nn.Module):
@@ -206,7 +228,7 @@ class Decoder(nn.Module):
         self.conv_out = conv(self.out_channels, 3, dtype=self.dtype)
 
     def __call__(self, z_bhwc: jax.Array) -> jax.Array:
-        h = self.mid(self.conv_in(z_bhwc.astype(self.dtype)))
+        h = constrain(self.mid(self.conv_in(z_bhwc.astype(self.dtype))), FMAP_AXES)
         for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+            h = constrain(level(h), FMAP_AXES)
+        return constrain(self.conv_out(nn.silu(self.norm_out(h))), FMAP_AXES)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxgen.models.layers import constrain
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
 from jaxgen.models.tokenizers.quantizers import MultiScaleResidualQuantizer
 
@@ -92,7 +93,8 @@ class MultiScaleVQVAE(nn.Module):
     def encode(self, img_bhwc: Float[Array, "B H W 3"]) -> Float[Array, "B P P C"]:
         """Image `[B, H, W, 3]` -> f = quant_conv(encoder(img)) `[B, P, P, Cvae]` (float32)."""
         self.check_image(img_bhwc)
-        return self.quant_conv(self.encoder(img_bhwc).astype(jnp.float32))
+        f = self.quant_conv(self.encoder(img_bhwc).astype(jnp.float32))
+        return constrain(f, ("batch", "height", "width", "latent"))
 
     def img_to_indices(self, img_bhwc: Float[Array, "B H W 3"]) -> list[Int[Array, "B l"]]:
         """Image -> per-scale token ids, a list of `[B, p*p]` int32."""

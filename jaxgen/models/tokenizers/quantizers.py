@@ -1,6 +1,7 @@
 """Vector quantizers. `MultiScaleResidualQuantizer` is VAR's residual quantizer over a pyramid of scales.
 
 Feature maps are NHWC `[B, h, w, C]`; per-scale token ids are `[B, p*p]` int32, flattened row-major.
+Codebooks `[V, C]` carry the logical axes ('codebook', 'latent') (see `jaxgen.parallel.rules`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.models.layers import logical
 from jaxgen.models.tokenizers.convnets import conv
 from jaxgen.models.tokenizers.resize import area_resize, bicubic_resize
 
@@ -35,6 +37,9 @@ def phi_schedule(num_phis: int, num_scales: int) -> tuple[int, ...]:
 def codebook_init(key, shape, dtype=jnp.float32):
     """Uniform in [-1/V, 1/V], VAR's default codebook init."""
     return jax.random.uniform(key, shape, dtype, -1.0 / shape[0], 1.0 / shape[0])
+
+
+CODEBOOK_INIT = logical(codebook_init, ("codebook", "latent"))
 
 
 class MultiScaleResidualQuantizer(nn.Module):
@@ -63,7 +68,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         return self.share_quant_resi
 
     def setup(self):
-        self.embedding = nn.Embed(self.vocab_size, self.z_channels, embedding_init=codebook_init)
+        self.embedding = nn.Embed(self.vocab_size, self.z_channels, embedding_init=CODEBOOK_INIT)
         self.phi = [conv(self.z_channels, 3) for _ in range(self.num_phis)]
         self.phi_index = phi_schedule(self.num_phis, len(self.patch_nums))
 
@@ -189,7 +194,7 @@ class VectorQuantizer(nn.Module):
     beta: float = 0.25  # commitment weight
 
     def setup(self):
-        self.embedding = nn.Embed(self.codebook_size, self.embed_dim, embedding_init=codebook_init)
+        self.embedding = nn.Embed(self.codebook_size, self.embed_dim, embedding_init=CODEBOOK_INIT)
 
     def codebook(self) -> jax.Array:
         """The code vectors as used `[V, C]` (unit-norm with `l2_norm`)."""

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxgen.models.layers import constrain
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
 from jaxgen.models.tokenizers.quantizers import VectorQuantizer
 
@@ -72,7 +73,8 @@ class VQGAN(nn.Module):
     def pre_quant(self, img_bhwc: Float[Array, "B H W 3"]) -> Float[Array, "B h w C"]:
         """quant_conv(encoder(img)): the un-normalised vectors the quantizer sees."""
         self.grid(img_bhwc)
-        return self.quant_conv(self.encoder(img_bhwc).astype(jnp.float32))
+        z = self.quant_conv(self.encoder(img_bhwc).astype(jnp.float32))
+        return constrain(z, ("batch", "height", "width", "latent"))
 
     def encode(self, img_bhwc: Float[Array, "B H W 3"]) -> tuple[Float[Array, "B h w C"], Int[Array, "B l"]]:
         """Image -> (quantised map, token ids)."""
