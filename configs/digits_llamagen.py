@@ -6,8 +6,8 @@ configs/digits_var.py: a VQ tokenizer (8x8 = 64 tokens per image) and then a cla
 """
 
 import ml_collections
-from jaxgen.parallel.rules import DEFAULT_RULES
 
+from jaxgen.parallel.rules import DEFAULT_RULES
 from jaxgen.train.sections import train_section
 
 

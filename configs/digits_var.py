@@ -3,13 +3,14 @@
     python -m jaxgen.main --config=configs/digits_var.py --workdir=workdir/digits_var          # < 15 min, 2 cores
     python -m jaxgen.main --config=configs/digits_var.py:smoke --workdir=/tmp/digits_var_smoke  # < 2 min
 
-Stage 1 trains VAR's multi-scale VQVAE (scales 1-2-3-4 on a 4x4 latent: 30 tokens per image), stage 2 the next-scale transformer
-on the token ids it writes; the report scores class-conditional samples with a classifier fit on real held-out digits.
+Stage 1 trains VAR's multi-scale VQVAE (scales 1-2-3-4 on a 4x4 latent: 30 tokens per image), stage 2 the
+next-scale transformer on the token ids it writes; the report scores class-conditional samples with a classifier
+fit on real held-out digits.
 """
 
 import ml_collections
-from jaxgen.parallel.rules import DEFAULT_RULES
 
+from jaxgen.parallel.rules import DEFAULT_RULES
 from jaxgen.train.sections import train_section
 
 

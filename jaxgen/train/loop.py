@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -166,7 +165,9 @@ def train_stage(
     mngr = ckpt_lib.make_manager(stage_dir / "checkpoints", keep=int(tc.keep_checkpoints), best_metric="loss")
     if mngr.latest_step() is not None:
         target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), partition.strip_boxes(abstract), shardings
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            partition.strip_boxes(abstract),
+            shardings,
         )
         state = ckpt_lib.restore_train_state(mngr, target, data_iter)
         logging.info("[%s] resumed from step %d (%s)", task.name, int(state.step), stage_dir / "checkpoints")
