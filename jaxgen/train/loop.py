@@ -183,15 +183,24 @@ def train_stage(
     step_fn = make_train_step(
         task.loss_fn, tx, ema_decay=float(tc.ema_decay), accum_steps=int(tc.accum_steps), schedule=schedule
     )
-    frozen = jax.device_put(frozen, NamedSharding(mesh, P())) if frozen is not None else None
+    replicated = NamedSharding(mesh, P())
+    frozen = jax.device_put(frozen, replicated) if frozen is not None else None
+    batch_ndim = {"image": 4, "tokens": 2, "label": 1}
+    batch_shardings = {k: partition.batch_sharding(mesh, rules, batch_ndim[k]) for k in (task.batch_key, "label")}
+    frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
     with partition.activation_rules(mesh, rules):
-        step_fn = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
+        step_fn = jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_shardings, frozen_shardings),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
         progress = Progress(task.name, start, int(tc.steps))
         pending: list[dict] = []
         last_good = mngr.latest_step()
         for step in range(start + 1, int(tc.steps) + 1):
             batch = next(data_iter)
-            batch = partition.shard_batch({k: batch[k] for k in (task.batch_key, "label") if k in batch}, mesh, rules)
+            batch = partition.shard_batch({k: batch[k] for k in batch_shardings}, mesh, rules)
             state, metrics = step_fn(state, batch, frozen)
             pending.append(metrics)
             if step % tc.log_every == 0 or step == tc.steps:
