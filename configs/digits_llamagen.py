@@ -1,5 +1,5 @@
 """LlamaGen (next-token) on the embedded scikit-learn digits (16 px RGB, 10 classes), through the same loop as
-configs/digits_var.py: a VQ tokenizer (8x8 = 64 tokens per image) and then a class-conditional GPT with 2D RoPE.
+configs/digits_var.py: a VQ tokenizer (4x4 = 16 tokens per image) and then a class-conditional GPT with 2D RoPE.
 
     python -m jaxgen.main --config=configs/digits_llamagen.py --workdir=workdir/digits_llamagen
     python -m jaxgen.main --config=configs/digits_llamagen.py:smoke --workdir=/tmp/digits_llamagen_smoke
@@ -27,10 +27,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         convert_to_rgb=False,
         worker_count=0,
     )
-    cfg.vq = dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1)
-    cfg.gpt = dict(num_classes=10, dim=128, n_layer=4, n_head=4, block_size=64, class_dropout_prob=0.1)
-    cfg.train_tokenizer = train_section(steps=1500, lr=2e-3)
-    cfg.train_generator = train_section(steps=2000, lr=1e-3, weight_decay=0.05)
+    cfg.vq = dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+    cfg.gpt = dict(num_classes=10, dim=128, n_layer=4, n_head=4, block_size=16, class_dropout_prob=0.1)
+    cfg.train_tokenizer = train_section(steps=600, lr=2e-3, sample_every=300)
+    cfg.train_generator = train_section(steps=1500, lr=1e-3, weight_decay=0.05)
     cfg.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules=[list(r) for r in DEFAULT_RULES])
     cfg.sampling = dict(cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0)
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
