@@ -8,7 +8,7 @@ configs/digits_var.py: a VQ tokenizer (4x4 = 16 tokens per image) and then a cla
 import ml_collections
 
 from jaxgen.parallel.rules import DEFAULT_RULES
-from jaxgen.train.sections import train_section
+from jaxgen.train.sections import make_smoke, train_section
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -36,10 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
     cfg.eval = dict(sample_batches=5)
     if arg == "smoke":
-        for name in ("train_tokenizer", "train_generator"):
-            cfg[name].update(steps=10, log_every=5, ckpt_every=10, sample_every=10, warmup_steps=2)
-        cfg.grid.per_class = 2
-        cfg.eval.sample_batches = 1
+        make_smoke(cfg)
     elif arg:
         raise ValueError(f"configs/digits_llamagen.py: unknown variant {arg!r}; use '' or 'smoke'")
     return cfg

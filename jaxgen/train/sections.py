@@ -24,3 +24,12 @@ def train_section(**overrides) -> dict:
     )
     section.update(overrides)
     return section
+
+
+def make_smoke(cfg) -> None:
+    """Turn a recipe into its `smoke` variant in place: 10 steps per stage, with a checkpoint, a grid and the
+    report still written (what CI and `--config=...:smoke` run)."""
+    for name in ("train_tokenizer", "train_generator"):
+        cfg[name].update(steps=10, log_every=5, ckpt_every=10, sample_every=10, warmup_steps=2)
+    cfg.grid.per_class = 2
+    cfg.eval.sample_batches = 1
