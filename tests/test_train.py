@@ -284,3 +284,45 @@ def test_generator_eval_scores_real_digits_as_faithful(tmp_path):
     assert len(picks) == 40 and good["num_samples"] == 40
     assert good["class_fidelity"] >= 0.9 and bad["class_fidelity"] <= 0.2
     assert (tmp_path / "final_samples.png").is_file()
+
+
+def test_checkpoints_keep_latest_n_and_the_best(tmp_path):
+    """keep=2 with losses 5, 1, 4, 3, 2 at steps 1..5: steps 4 and 5 (latest) and 2 (lowest loss) remain, and a
+    restore brings back the state and the data iterator's position."""
+    from jaxgen import data as data_lib
+    from jaxgen.train import checkpoint as ckpt_lib
+
+    cfg = _tiny_var()
+    it = data_lib.make_train_iterator(cfg.data, global_batch_size=8, seed=0)
+    mngr = ckpt_lib.make_manager(tmp_path, keep=2, best_metric="loss")
+    for step, loss in enumerate([5.0, 1.0, 4.0, 3.0, 2.0], start=1):
+        next(it)
+        state = {"step": jnp.asarray(step, jnp.int32), "w": jnp.full((3,), float(step))}
+        ckpt_lib.save_train_state(mngr, _Boxed(state), it, metrics={"loss": loss})
+    assert sorted(mngr.all_steps()) == [2, 4, 5]
+    expected_next = next(it)["label"]
+    fresh = data_lib.make_train_iterator(cfg.data, global_batch_size=8, seed=0)
+    target = jax.eval_shape(lambda: _Boxed({"step": jnp.zeros((), jnp.int32), "w": jnp.zeros((3,))}))
+    restored = ckpt_lib.restore_train_state(mngr, target, fresh)
+    assert int(restored.step) == 5 and np.allclose(restored.tree["w"], 5.0)
+    np.testing.assert_array_equal(next(fresh)["label"], expected_next)
+    mngr.close()
+
+
+@jax.tree_util.register_pytree_node_class
+class _Boxed:
+    """A minimal state with a `.step` (what save_train_state reads) around a dict."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    @property
+    def step(self):
+        return self.tree["step"]
+
+    def tree_flatten(self):
+        return (self.tree,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0])
