@@ -214,10 +214,15 @@ def train_stage(
                 if not math.isfinite(host["loss"]):
                     progress.close()
                     mngr.close()
+                    kept = (
+                        f"The last good checkpoint (step {last_good}) is kept in {stage_dir / 'checkpoints'}"
+                        if last_good is not None
+                        else "No checkpoint had been written yet"
+                    )
                     raise TrainingError(
                         f"[{task.name}] the loss became {host['loss']} by step {step}; stopped without saving. "
-                        f"The last good checkpoint (step {last_good}) is kept in {stage_dir / 'checkpoints'}. "
-                        f"Lower train_{task.name}.lr, raise warmup_steps or set grad_clip, then rerun to resume."
+                        f"{kept}. Lower train_{task.name}.lr, raise warmup_steps or set grad_clip, then rerun "
+                        f"(it resumes from the last checkpoint)."
                     )
                 if step % tc.ckpt_every == 0 or step == tc.steps:
                     ckpt_lib.save_train_state(mngr, state, data_iter, metrics={"loss": host["loss"]})
