@@ -28,7 +28,7 @@ import numpy as np
 from timing import emit, median_time, write_report
 
 from jaxgen.config_util import load_config
-from jaxgen.families import family_of
+from jaxgen.families import build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import DEFAULT_RULES
@@ -52,8 +52,7 @@ def _setup(name: str, dtype: str, batch: int) -> dict:
     spec, family = MODELS[name]
     cfg = load_config(spec)
     cfg.family = family
-    fam = family_of(cfg)
-    tok, gen = fam.build(cfg[fam.tokenizer].to_dict(), {**cfg[fam.generator].to_dict(), "dtype": dtype})
+    _, tok, gen = build_models(cfg, generator_dtype=dtype)
     task = generator_task(family, tok, gen)
     seq = gen.config.seq_len if family == "var" else gen.config.block_size
     frozen = None

@@ -70,3 +70,21 @@ def init_family_params(family: Family, tokenizer, generator, seed: int) -> dict[
     k_tok, k_gen = jax.random.split(jax.random.key(seed))
     return {family.tokenizer: init_params(tokenizer, k_tok, *tok_in),
             family.generator: init_params(generator, k_gen, *gen_in)}  # fmt: skip
+
+
+def config_section(config, name: str, dtype: str | None = None) -> dict:
+    """A model section of a run config as a plain dict, with its compute `dtype` replaced when given."""
+    section = config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
+    if dtype is not None:
+        section["dtype"] = dtype
+    return section
+
+
+def build_models(config, tokenizer_dtype: str | None = None, generator_dtype: str | None = None):
+    """(family, tokenizer, generator) from a run config; the dtypes override the sections' compute dtypes."""
+    family = family_of(config)
+    tokenizer, generator = family.build(
+        config_section(config, family.tokenizer, tokenizer_dtype),
+        config_section(config, family.generator, generator_dtype),
+    )
+    return family, tokenizer, generator

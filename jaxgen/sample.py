@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from jaxgen.convert.common import count_params
 from jaxgen.eval.grids import save_grid
-from jaxgen.families import family_of, init_family_params, param_shapes
+from jaxgen.families import build_models, init_family_params, param_shapes
 from jaxgen.train.checkpoint import load_pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]", lock_config=True)
@@ -29,8 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the grid, tokens and repo
 def init_or_load(config):
     """(family, tokenizer, generator, params) with params = {tokenizer key: ..., generator key: ...} from
     `config.checkpoint` or, if empty, a seeded random init."""
-    family = family_of(config)
-    tokenizer, generator = family.build(config[family.tokenizer], config[family.generator])
+    family, tokenizer, generator = build_models(config)
     if config.checkpoint:
         _, params = load_pretrained(config.checkpoint, param_shapes(family, tokenizer, generator))
     else:

@@ -19,10 +19,11 @@ import pytest
 from flax import linen as nn
 
 from jaxgen.config_util import load_config
+from jaxgen.families import build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
-from jaxgen.train.loop import TrainingError, build_models, train_and_evaluate
+from jaxgen.train.loop import TrainingError, train_and_evaluate
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.state import create_state
 from jaxgen.train.step import make_train_step

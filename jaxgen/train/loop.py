@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgen import data as data_lib
 from jaxgen.eval.grids import save_grid
-from jaxgen.families import Family, family_of
+from jaxgen.families import Family, build_models, config_section, family_of
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
@@ -44,21 +44,6 @@ class TrainingError(RuntimeError):
 
 
 # ---- configuration checks (before any data is read or anything compiles) ------------------------------------------
-
-
-def _section(config, name: str, dtype: str | None = None) -> dict:
-    section = config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-    if dtype is not None:
-        section["dtype"] = dtype
-    return section
-
-
-def build_models(config, tokenizer_dtype: str | None = None, generator_dtype: str | None = None):
-    family = family_of(config)
-    tokenizer, generator = family.build(
-        _section(config, family.tokenizer, tokenizer_dtype), _section(config, family.generator, generator_dtype)
-    )
-    return family, tokenizer, generator
 
 
 def check_config(config) -> None:
@@ -100,9 +85,9 @@ def check_config(config) -> None:
 
 def _fingerprint(config, family: Family, stage: str) -> dict:
     """The config fields that define a stage's model and its data: a checkpoint of another model must not resume."""
-    fp = {"family": config.family, family.tokenizer: _section(config, family.tokenizer)}
+    fp = {"family": config.family, family.tokenizer: config_section(config, family.tokenizer)}
     if stage == "generator":
-        fp[family.generator] = _section(config, family.generator)
+        fp[family.generator] = config_section(config, family.generator)
     fp["image_size"] = int(config.data.image_size)
     return json.loads(json.dumps(fp, default=list))
 

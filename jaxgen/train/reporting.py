@@ -17,7 +17,7 @@ from flax import traverse_util
 
 def parameter_overview(params: Any, shardings: Any = None, max_rows: int = 40) -> str:
     """A table of parameter paths, shapes, counts (and mesh partition specs), with the total."""
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda x: x, params), sep="/")
+    flat = traverse_util.flatten_dict(params, sep="/")
     specs = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
     rows = [(k, tuple(v.shape), int(np.prod(v.shape)), str(getattr(specs.get(k), "spec", ""))) for k, v in flat.items()]
     total = sum(r[2] for r in rows)
