@@ -4,10 +4,13 @@ WORKDIR ?= workdir/digits_var
 
 .PHONY: setup train demo test lint
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml Makefile
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,torch]'
+	# lpips ships the LPIPS linear heads (the JAX LPIPS converter reads them). --no-deps: its torchvision
+	# requirement has no CPU build and would pull CUDA wheels; jaxgen never imports torchvision.
+	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
 	touch $@
 
 setup: .venv/.installed

@@ -11,7 +11,7 @@ fit on real held-out digits.
 import ml_collections
 
 from jaxgen.parallel.rules import DEFAULT_RULES
-from jaxgen.train.sections import make_smoke, train_section
+from jaxgen.train.sections import make_smoke, tokenizer_loss_section, train_section
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -55,6 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         cond_drop_rate=0.1,
         drop_path_rate=0.0,
     )
+    cfg.tokenizer_loss = tokenizer_loss_section(rec_loss="l1")
     cfg.train_tokenizer = train_section(steps=600, lr=2e-3, sample_every=300)
     cfg.train_generator = train_section(steps=1500, lr=1e-3, weight_decay=0.05, sample_every=500)
     cfg.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules=[list(r) for r in DEFAULT_RULES])

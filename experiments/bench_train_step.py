@@ -28,15 +28,15 @@ import numpy as np
 from timing import emit, median_time, write_report
 
 from jaxgen.config_util import load_config
-from jaxgen.families import build_models
+from jaxgen.families import FAMILIES, build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import DEFAULT_RULES
+from jaxgen.train.generator_task import generator_task
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.sections import train_section
 from jaxgen.train.state import create_state
 from jaxgen.train.step import make_train_step
-from jaxgen.train.tasks import generator_task
 
 MODELS = {
     "var_d16": ("configs/var_imagenet.py:d16", "var"),
@@ -53,7 +53,7 @@ def _setup(name: str, dtype: str, batch: int) -> dict:
     cfg = load_config(spec)
     cfg.family = family
     _, tok, gen = build_models(cfg, generator_dtype=dtype)
-    task = generator_task(family, tok, gen)
+    task = generator_task(FAMILIES[family].objective, tok, gen)
     seq = gen.config.seq_len if family == "var" else gen.config.block_size
     frozen = None
     if family == "var":  # the VQVAE's params feed VAR's teacher-forcing input
@@ -65,10 +65,11 @@ def _setup(name: str, dtype: str, batch: int) -> dict:
 
     def init_boxed(key_data):
         key = jax.random.wrap_key_data(key_data)
-        return create_state(task.module.init(key, *task.init_args)["params"], tx, key_data)
+        params, model_state = task.init(key)
+        return create_state(params, tx, key_data, model_state)
 
     return dict(
-        task=task, family=family, init=init_boxed, seq=seq, vocab=gen.config.vocab_size, frozen=frozen,
+        task=task, gen=gen, family=family, init=init_boxed, seq=seq, vocab=gen.config.vocab_size, frozen=frozen,
         step=make_train_step(task.loss_fn, tx, ema_decay=0.999), batch=batch,
     )  # fmt: skip
 
@@ -155,7 +156,7 @@ def speed(args) -> list[dict]:
             setup = _setup(name, dtype, args.batch)
             step_s, cost, n_params = _time_step(setup, mesh, args.repeats)
             seq, b = setup["seq"], args.batch
-            model_flops = _flops_per_token(n_params, setup["task"].module.config, setup["family"], seq) * b * seq
+            model_flops = _flops_per_token(n_params, setup["gen"].config, setup["family"], seq) * b * seq
             emit(rows, {
                 "model": name, "dtype": dtype, "batch": b, "seq_len": seq, "params": n_params,
                 "step_s": round(step_s, 5), "steps_per_s": round(1 / step_s, 3),

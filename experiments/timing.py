@@ -74,14 +74,17 @@ def versions() -> dict[str, str]:
 
 
 def speedup_ratios(results: Sequence[dict], key: str = "images_per_s") -> dict[str, float]:
-    """{"<dtype>_b<batch>": jaxgen / official} of `key` for every official result with a jaxgen twin."""
+    """{"[<model>_<what>_]<dtype>_b<batch>": jaxgen / official} of `key` for every official result with a jaxgen
+    twin (same batch, dtype and, where rows carry them, model / what / losses)."""
     ratios = {}
+    same = ("batch", "dtype", "model", "what", "losses")  # the identity of a row (absent keys match absent keys)
     for r in results:
         if r.get("impl") != OFFICIAL:
             continue
-        ours = [x for x in results if x["impl"] == "jaxgen" and x["batch"] == r["batch"] and x["dtype"] == r["dtype"]]
+        ours = [x for x in results if x["impl"] == "jaxgen" and all(x.get(k) == r.get(k) for k in same)]
         if ours:
-            ratios[f"{r['dtype']}_b{r['batch']}"] = round(ours[0][key] / r[key], 3)
+            name = "_".join(str(r[k]) for k in ("model", "what") if k in r)
+            ratios[f"{name + '_' if name else ''}{r['dtype']}_b{r['batch']}"] = round(ours[0][key] / r[key], 3)
     return ratios
 
 

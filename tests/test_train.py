@@ -23,11 +23,12 @@ from jaxgen.families import build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
+from jaxgen.train.generator_task import generator_task
 from jaxgen.train.loop import TrainingError, train_and_evaluate
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.state import create_state
-from jaxgen.train.step import make_train_step
-from jaxgen.train.tasks import generator_task, tokenizer_task
+from jaxgen.train.step import LossContext, make_train_step
+from jaxgen.train.tokenizer_task import tokenizer_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,8 +66,9 @@ def test_smoke_binary_writes_checkpoint_grid_metrics_report(tmp_path, name):
     assert report["generator"]["classifier_accuracy_real"] > 0.85
     assert "psnr" in report["tokenizer"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"tokenizer", "generator"} == {x["stage"] for x in lines}
-    assert all("step" in x and "loss" in x for x in lines)
+    assert {"tokenizer", "tokenizer_eval", "generator"} == {x["stage"] for x in lines}
+    assert all("step" in x and "loss" in x for x in lines if x["stage"] != "tokenizer_eval")
+    assert [set(x) >= {"psnr", "ssim", "codebook_usage"} for x in lines if x["stage"] == "tokenizer_eval"] == [True]
     assert any("psnr" in x and "codebook_usage" in x for x in lines if x["stage"] == "tokenizer")
     for stage in ("tokenizer", "generator"):
         assert ocp.CheckpointManager(tmp_path / stage / "checkpoints").latest_step() == 10
@@ -172,7 +174,7 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
 def _var_generator_setup(batch_size=16, seed=0):
     cfg = _tiny_var()
     _, tok, gen = build_models(cfg)
-    task = generator_task("var", tok, gen)
+    task = generator_task("next_scale", tok, gen)
     tok_params = tok.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
     tok_params = nn.unbox(tok_params)
     rng = np.random.default_rng(seed)
@@ -187,8 +189,8 @@ def _var_generator_setup(batch_size=16, seed=0):
 def _init_state(task, tc, seed=0):
     tx = make_optimizer(tc)
     key = jax.random.key(seed)
-    params = nn.unbox(task.module.init(key, *task.init_args)["params"])
-    return tx, create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
+    params, model_state = nn.unbox(task.init(key))
+    return tx, create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)), model_state)
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -197,7 +199,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     cfg, task, tok_params, batch = _var_generator_setup()
     cfg.var.cond_drop_rate = 0.0
     _, tok, gen = build_models(cfg)
-    task = generator_task("var", tok, gen)
+    task = generator_task("next_scale", tok, gen)
     tc = cfg.train_generator
     tx, state = _init_state(task, tc)
     outs = []
@@ -228,8 +230,8 @@ def test_sharded_step_equals_single_device_step():
     key = jax.random.key(0)
 
     def init_boxed():
-        params = task.module.init(key, *task.init_args)["params"]
-        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)))
+        params, model_state = task.init(key)
+        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)), model_state)
 
     shardings = partition.tree_shardings(partition.abstract_boxed(init_boxed), mesh, rules)
     sharded = jax.device_put(state, shardings)
@@ -246,16 +248,17 @@ def test_sharded_step_equals_single_device_step():
 
 def test_tokenizer_task_reports_reconstruction_metrics():
     cfg = _tiny_var()
-    _, tok, _ = build_models(cfg)
+    _, tok, _ = build_models(cfg, training=True)
     task = tokenizer_task(tok)
-    params = nn.unbox(tok.init(jax.random.key(0), *task.init_args)["params"])
+    params, model_state = nn.unbox(task.init(jax.random.key(0)))
     img = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
-    loss, m = task.loss_fn(params, {"image": img}, None, None)
-    rec, vq_loss, _ = tok.apply({"params": params}, img)
+    ctx = LossContext(rng=jax.random.key(1), step=jnp.int32(0), frozen=None, model_state=model_state)
+    loss, (m, _) = task.loss_fn(params, {"image": img}, ctx)
+    rec, vq_loss, _ = tok.apply({"params": params["tokenizer"]}, img)
     np.testing.assert_allclose(m["rec_loss"], np.mean(np.abs(np.asarray(rec) - np.asarray(img))), rtol=1e-6)
     np.testing.assert_allclose(loss, m["rec_loss"] + vq_loss, rtol=1e-6)
-    mse = np.mean((np.clip(np.asarray(rec), -1, 1) - np.asarray(img)) ** 2)
-    np.testing.assert_allclose(m["psnr"], 10 * np.log10(4 / mse), rtol=1e-5)
+    mse = np.mean((np.clip(np.asarray(rec), -1, 1) - np.asarray(img)) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(m["psnr"], np.mean(10 * np.log10(4 / mse)), rtol=1e-5)  # the mean per-image PSNR
     assert 0 < float(m["codebook_usage"]) <= 1
 
 

@@ -18,6 +18,7 @@ import sys
 from jaxgen.config_util import load_config
 from jaxgen.convert.common import ConversionError, load_state_dict
 from jaxgen.convert.llamagen import check_vocab, convert_gpt, convert_vq, infer_gpt_config, infer_vq_config
+from jaxgen.convert.lpips import convert_lpips_files
 from jaxgen.convert.var import (
     convert_var,
     convert_vqvae,
@@ -66,6 +67,11 @@ def convert_llamagen_family(args) -> int:
     return 0
 
 
+def convert_lpips_weights(args) -> int:
+    print(f"wrote {convert_lpips_files(args.vgg16, args.lin or None, args.out or None)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgen.convert", description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="family", required=True)
@@ -82,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="", help="configs/NAME.py:variant (default: read sizes off the files)")
     p.add_argument("--block-size", type=int, default=256, help="image tokens without --config (256 = 16x16)")
     p.set_defaults(run=convert_llamagen_family)
+    p = sub.add_parser("lpips", help="LPIPS perceptual loss: torchvision VGG16 + lpips linear heads -> one .npz")
+    p.add_argument("--vgg16", required=True, help="torchvision ImageNet VGG16 state_dict (vgg16-397923af.pth)")
+    p.add_argument("--lin", default="", help="LPIPS linear heads (default: the lpips package's weights/v0.1/vgg.pth)")
+    p.add_argument("--out", default="", help="output .npz (default: $JAXGEN_LPIPS_WEIGHTS or ~/.cache/jaxgen/...)")
+    p.set_defaults(run=convert_lpips_weights)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -12,6 +12,7 @@ import jax
 from jaxgen.models.generators.next_scale import NextScaleConfig, NextScaleTransformer
 from jaxgen.models.generators.next_token import NextTokenConfig, NextTokenTransformer
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
+from jaxgen.models.tokenizers.titok import TiTok, TiTokConfig
 from jaxgen.models.tokenizers.vqgan import VQGAN, VQConfig
 
 
@@ -68,3 +69,18 @@ def build_llamagen(vq_section: Mapping, gpt_section: Mapping):
             f"matching tokenizer"
         )
     return VQGAN(vq_cfg), NextTokenTransformer(config_from_dict(NextTokenConfig, gpt_kw))
+
+
+def build_titok(titok_section: Mapping, gpt_section: Mapping):
+    """Build the 1D TiTok tokenizer and a GPT over its K tokens: the GPT's vocab is the codebook size, its
+    block_size is K, and its RoPE is 1D (the K tokens have no 2D grid) unless the section says otherwise."""
+    titok_cfg = config_from_dict(TiTokConfig, _plain(titok_section))
+    gpt_kw = _plain(gpt_section)
+    for field, value in (("vocab_size", titok_cfg.codebook_size), ("block_size", titok_cfg.num_tokens)):
+        if gpt_kw.setdefault(field, value) != value:
+            raise ValueError(
+                f"config: gpt.{field}={gpt_kw[field]} disagrees with the tokenizer ({value}: codebook_size / "
+                f"num_latent_tokens); the GPT must match its tokenizer"
+            )
+    gpt_kw.setdefault("rope_2d", False)
+    return TiTok(titok_cfg), NextTokenTransformer(config_from_dict(NextTokenConfig, gpt_kw))

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from jaxgen.models.generators.next_token import NextTokenTransformer
-from jaxgen.models.tokenizers.vqgan import VQGAN
 from jaxgen.sampling.cfg import guide_from_uncond
 from jaxgen.sampling.common import ClassConditionalSampler
 from jaxgen.sampling.filters import filter_logits, sample_categorical
@@ -48,14 +47,15 @@ class NextTokenSample:
 
 def sample_next_token(
     gpt: NextTokenTransformer,
-    vq: VQGAN,
+    vq,
     settings: NextTokenSampling,
     gpt_params,
     vq_params,
     labels_b: Int[Array, " B"],
     key: jax.Array,
 ) -> NextTokenSample:
-    """The whole generation for labels `[B]` (traceable; `NextTokenSampler` jits it)."""
+    """The whole generation for labels `[B]` (traceable; `NextTokenSampler` jits it). `vq`: any tokenizer with a
+    `decode_tokens(ids [B, N]) -> [B, H, W, 3]` method (the 2D VQGAN, the 1D TiTok)."""
     c = gpt.config
     b, n = labels_b.shape[0], c.block_size
     guided_run = settings.cfg_scale > 1.0
@@ -90,8 +90,7 @@ def sample_next_token(
 
     _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, key), jnp.arange(n - 1, dtype=jnp.int32))
     tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-    grid = c.grid_size
-    decoded = vq.apply({"params": vq_params}, tokens, (grid, grid), method=VQGAN.decode_code)
+    decoded = vq.apply({"params": vq_params}, tokens, method="decode_tokens")  # any tokenizer: 2D grid or 1D
     step_logits = None
     if settings.return_logits:
         step_logits = jnp.concatenate([first_logits[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
@@ -101,7 +100,7 @@ def sample_next_token(
 class NextTokenSampler(ClassConditionalSampler):
     """`sampler(gpt_params, vq_params, labels, key) -> NextTokenSample`, compiled once per batch size."""
 
-    def __init__(self, gpt: NextTokenTransformer, vq: VQGAN, settings: NextTokenSampling | None = None):
+    def __init__(self, gpt: NextTokenTransformer, vq, settings: NextTokenSampling | None = None):
         if gpt.config.vocab_size != vq.config.codebook_size:
             raise ValueError(
                 f"the GPT predicts {gpt.config.vocab_size} token ids but the tokenizer has "

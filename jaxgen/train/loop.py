@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
@@ -32,11 +31,21 @@ from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
 from jaxgen.train import checkpoint as ckpt_lib
-from jaxgen.train.optim import learning_rate_schedule, make_optimizer
+from jaxgen.train.generator_task import encode_fn, generator_task
+from jaxgen.train.optim import learning_rate_schedule
 from jaxgen.train.reporting import MetricsWriter, Progress, parameter_overview
 from jaxgen.train.state import create_state
 from jaxgen.train.step import make_train_step
-from jaxgen.train.tasks import Task, encode_fn, generator_task, reconstruct_fn, tokenizer_task
+from jaxgen.train.task import Task
+from jaxgen.train.tokenizer_task import (
+    TokenizerLossConfig,
+    check_lpips_weights,
+    evaluate_tokenizer,
+    load_lpips_frozen,
+    lpips_path,
+    reconstruct_fn,
+    tokenizer_task,
+)
 
 
 class TrainingError(RuntimeError):
@@ -49,26 +58,11 @@ class TrainingError(RuntimeError):
 def check_config(config) -> None:
     """Raise ValueError for a config that cannot work: image size vs the tokenizer's downsampling and token grid,
     batch vs micro-batches and devices, logging vs checkpoint cadence."""
-    family, tokenizer, generator = build_models(config)
-    size = int(config.data.image_size)
-    tc = tokenizer.config
-    if family.tokenizer == "vae":
-        if size != tc.image_size:
-            raise ValueError(
-                f"data.image_size={size} does not fit the tokenizer: patch_nums[-1]={tc.patch_nums[-1]} x "
-                f"downsample {tc.downsample} (2^(len(ch_mult)-1)) = {tc.image_size} px. Set data.image_size="
-                f"{tc.image_size} or change vae.patch_nums / vae.ch_mult."
-            )
-    else:
-        grid = size // tc.downsample
-        if size % tc.downsample or grid * grid != generator.config.block_size:
-            raise ValueError(
-                f"data.image_size={size} does not fit the tokenizer/generator: the VQ downsamples by "
-                f"{tc.downsample} (2^(len(ch_mult)-1)), so a {size}px image is "
-                f"{size / tc.downsample:g}x{size / tc.downsample:g} tokens, but gpt.block_size="
-                f"{generator.config.block_size}. Use an image size that is a multiple of {tc.downsample} with "
-                f"(size/{tc.downsample})^2 == gpt.block_size."
-            )
+    family, tokenizer, generator = build_models(config, training=True)
+    family.check_image_size(tokenizer, generator if "generator" in config.stages else None, int(config.data.image_size))
+    loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
+    if "tokenizer" in config.stages:
+        check_lpips_weights(loss_cfg)
     for stage in config.stages:
         t = config[f"train_{stage}"]
         if t.batch_size % t.accum_steps:
@@ -86,6 +80,10 @@ def check_config(config) -> None:
 def _fingerprint(config, family: Family, stage: str) -> dict:
     """The config fields that define a stage's model and its data: a checkpoint of another model must not resume."""
     fp = {"family": config.family, family.tokenizer: config_section(config, family.tokenizer)}
+    if stage == "tokenizer":
+        loss = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
+        if loss.use_gan:  # the discriminator's shape is part of the checkpoint
+            fp["discriminator"] = {"ndf": loss.disc_ndf, "layers": loss.disc_layers, "norm": loss.disc_norm}
     if stage == "generator":
         fp[family.generator] = config_section(config, family.generator)
     fp["image_size"] = int(config.data.image_size)
@@ -131,18 +129,18 @@ def train_stage(
     rules,
     seed: int,
     writer: MetricsWriter,
-    frozen: Any = None,
     sample_fn: Callable[[Any, int], None] | None = None,
 ) -> Any:
     """Train `task` for `tc.steps` steps (resuming from stage_dir/checkpoints if present); returns the final
-    state (params, EMA params, ...)."""
+    state (params, EMA params, ...). `sample_fn(task.export(state), step)` writes grids on the way."""
     data_iter = data_lib.make_train_iterator(data_cfg, global_batch_size=int(tc.batch_size), seed=seed)
-    tx = make_optimizer(tc)
+    tx = task.optimizer(tc)
     schedule = learning_rate_schedule(tc)
 
     def init_state(key_data):
-        params = task.module.init(jax.random.wrap_key_data(key_data), *task.init_args)["params"]
-        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key_data), 1)))
+        key = jax.random.wrap_key_data(key_data)
+        params, model_state = task.init(key)
+        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)), model_state)
 
     key_data = jax.random.key_data(jax.random.key(seed))
     abstract = partition.abstract_boxed(init_state, key_data)
@@ -169,7 +167,7 @@ def train_stage(
         task.loss_fn, tx, ema_decay=float(tc.ema_decay), accum_steps=int(tc.accum_steps), schedule=schedule
     )
     replicated = NamedSharding(mesh, P())
-    frozen = jax.device_put(frozen, replicated) if frozen is not None else None
+    frozen = jax.device_put(task.frozen, replicated) if task.frozen is not None else None
     batch_ndim = {"image": 4, "tokens": 2, "label": 1}
     batch_shardings = {k: partition.batch_sharding(mesh, rules, batch_ndim[k]) for k in (task.batch_key, "label")}
     frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
@@ -213,7 +211,7 @@ def train_stage(
                     ckpt_lib.save_train_state(mngr, state, data_iter, metrics={"loss": host["loss"]})
                     last_good = step
             if sample_fn is not None and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
-                sample_fn(state.ema_params, step)
+                sample_fn(task.export(state), step)
         progress.close()
     mngr.close()
     return state
@@ -269,10 +267,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     # -- tokenizer
     t = config.train_tokenizer
-    _, tokenizer, _ = build_models(config, tokenizer_dtype=t.compute_dtype)
+    _, tokenizer, _ = build_models(config, tokenizer_dtype=t.compute_dtype, training=True)
+    _, inference_tok, _ = build_models(config)
     if "tokenizer" in config.stages:
+        loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
+        task = tokenizer_task(
+            tokenizer, loss_cfg, image_size=int(config.data.image_size), frozen=load_lpips_frozen(loss_cfg)
+        )
         state = train_stage(
-            tokenizer_task(tokenizer, rec_loss=t.rec_loss),
+            task,
             t,
             config.data,
             workdir / "tokenizer",
@@ -280,10 +283,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             rules=rules,
             seed=int(config.seed),
             writer=writer,
-            sample_fn=_tokenizer_sample_fn(tokenizer, config, workdir / "tokenizer"),
+            sample_fn=_tokenizer_sample_fn(inference_tok, config, workdir / "tokenizer"),
         )
-        tok_params, tok_step = jax.device_get(state.ema_params), int(state.step)
-        report["tokenizer"] = _tokenizer_eval(tokenizer, tok_params, config)
+        tok_params, tok_step = jax.device_get(task.export(state)), int(state.step)
+        report["tokenizer"] = _tokenizer_eval(inference_tok, tok_params, config, loss_cfg)
+        writer.write(tok_step, {k: v for k, v in report["tokenizer"].items() if v is not None}, stage="tokenizer_eval")
+        if jax.process_index() == 0:
+            ckpt_lib.save_pretrained(
+                workdir / "tokenizer" / "export",
+                {family.tokenizer: tok_params},
+                {"family": config.family, family.tokenizer: config_section(config, family.tokenizer)},
+            )
     else:
         if not config.tokenizer_checkpoint:
             raise ValueError("config.stages has no 'tokenizer': set config.tokenizer_checkpoint to a trained one")
@@ -300,17 +310,16 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         not (tokens_dir / "meta.json").is_file()
         or data_lib.read_token_metadata(tokens_dir).get("tokenizer_step") != tok_step
     ):
-        _, plain_tok, _ = build_models(config)
         logging.info("writing token shards to %s", tokens_dir)
         data_lib.write_token_shards(
-            encode_fn(plain_tok, tok_params), config.data, tokens_dir, split=config.data.train_split, metadata=meta
+            encode_fn(inference_tok, tok_params), config.data, tokens_dir, split=config.data.train_split, metadata=meta
         )
     token_data = config.data.copy_and_resolve_references()
     token_data.source = f"tokens:{tokens_dir}"
     g = config.train_generator
     _, plain_tok, generator = build_models(config, generator_dtype=g.compute_dtype)
-    num_classes = generator.config.num_classes
     sampler = family.sampler(generator, plain_tok, config.sampling.to_dict())
+    num_classes = generator.config.num_classes
     grid_labels = _class_grid_labels(config, num_classes)
 
     def sample_grid(params, step):
@@ -324,7 +333,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         )
 
     state = train_stage(
-        generator_task(config.family, plain_tok, generator),
+        generator_task(family.objective, plain_tok, generator, tok_params),
         g,
         token_data,
         workdir / "generator",
@@ -332,19 +341,24 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         rules=rules,
         seed=int(config.seed) + 1,
         writer=writer,
-        frozen=tok_params,
         sample_fn=sample_grid,
     )
     report["generator"] = _generator_eval(config, sampler, state.ema_params, tok_params, grid_labels, workdir)
     return _finish(report, workdir, writer, t_start)
 
 
-def _tokenizer_eval(tokenizer, params, config) -> dict:
-    """Reconstruction PSNR (dB) over the eval split and codebook usage there."""
+def _tokenizer_eval(tokenizer, params, config, loss_cfg: TokenizerLossConfig) -> dict:
+    """Reconstruction PSNR (dB), SSIM, LPIPS (when its weight file exists) and codebook usage over the eval split."""
+    from jaxgen.models.lpips import load_lpips_params
+
     arrays = data_lib.load_eval_arrays(config.data, config.data.eval_split)
-    task = tokenizer_task(tokenizer)
-    _, metrics = jax.jit(task.loss_fn)(params, {"image": jnp.asarray(arrays["image"])}, None, None)
-    return {k: float(v) for k, v in jax.device_get(metrics).items()} | {"eval_images": len(arrays["image"])}
+    path = lpips_path(loss_cfg)
+    lpips_params = load_lpips_params(path) if path.is_file() else None
+    result = evaluate_tokenizer(tokenizer, params, arrays["image"], lpips_params=lpips_params)
+    if lpips_params is None:
+        result["lpips"] = None
+        logging.info("LPIPS not reported: no weight file at %s (see docs/lpips.md)", path)
+    return result
 
 
 def _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir: Path) -> dict:

@@ -20,16 +20,27 @@ def train_section(**overrides) -> dict:
         ckpt_every=250,  # a multiple of log_every
         keep_checkpoints=2,  # the latest N, plus the one with the lowest logged loss
         sample_every=500,  # grids from the EMA params (0 = only at the end)
-        rec_loss="l1",  # tokenizer stage: "l1" | "l2"
     )
     section.update(overrides)
     return section
+
+
+def tokenizer_loss_section(**overrides) -> dict:
+    """The fields of the `tokenizer_loss` config section (`TokenizerLossConfig`), with overrides."""
+    import dataclasses
+
+    from jaxgen.train.tokenizer_task import TokenizerLossConfig
+
+    return dataclasses.asdict(TokenizerLossConfig(**overrides))
 
 
 def make_smoke(cfg) -> None:
     """Turn a recipe into its `smoke` variant in place: 10 steps per stage, with a checkpoint, a grid and the
     report still written (what CI and `--config=...:smoke` run)."""
     for name in ("train_tokenizer", "train_generator"):
-        cfg[name].update(steps=10, log_every=5, ckpt_every=10, sample_every=10, warmup_steps=2)
-    cfg.grid.per_class = 2
-    cfg.eval.sample_batches = 1
+        if name in cfg:
+            cfg[name].update(steps=10, log_every=5, ckpt_every=10, sample_every=10, warmup_steps=2)
+    if "grid" in cfg:
+        cfg.grid.per_class = 2
+    if "eval" in cfg:
+        cfg.eval.sample_batches = 1

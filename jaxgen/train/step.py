@@ -8,12 +8,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from jaxgen.train.state import TrainState
 
-# (params, batch, rng, frozen) -> (loss, metrics): `frozen` holds params that are read, not trained (e.g. the
-# tokenizer under a generator). Metrics are float32 scalars averaged like the loss.
-LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+@struct.dataclass
+class LossContext:
+    """What a loss reads besides the params and the batch."""
+
+    rng: jax.Array  # PRNG key of this (micro-)step
+    step: jax.Array  # int32 []: updates taken before this one (0 at the first step)
+    frozen: Any  # params that are read, not trained (the tokenizer under a generator, LPIPS); None when none
+    model_state: Any  # variables the loss updates without gradients (EMA codebook, usage counters); {} when none
+
+
+# (params, batch, ctx) -> (loss, (metrics, new model_state)). Metrics are float32 scalars, averaged like the loss.
+LossFn = Callable[[Any, dict, LossContext], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
 
 
 def _microbatches(batch: dict, accum_steps: int) -> dict:
@@ -38,28 +49,31 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure `train_step(state, batch, frozen) -> (state, metrics)`; the caller jits it (with shardings
     and `donate_argnums=0`). Gradients of `accum_steps` micro-batches are averaged before the single update, so the
-    result equals one step on the whole batch up to float summation order."""
+    result equals one step on the whole batch up to float summation order; `model_state` is threaded through the
+    micro-batches in order."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict, frozen: Any = None):
         key = jax.random.wrap_key_data(state.rng)
         next_key, step_key = jax.random.split(key)
+        ctx = LossContext(rng=step_key, step=state.step, frozen=frozen, model_state=state.model_state)
         if accum_steps == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, step_key, frozen)
+            (loss, (metrics, model_state)), grads = grad_fn(state.params, batch, ctx)
         else:
+            micro = _microbatches(batch, accum_steps)
 
             def body(carry, xs):
-                micro, k = xs
-                (mb_loss, m), g = grad_fn(state.params, micro, k, frozen)
-                return jax.tree.map(jnp.add, carry, (mb_loss, m, g)), None
+                sums, model_state = carry
+                mb, k = xs
+                (mb_loss, (m, model_state)), g = grad_fn(state.params, mb, ctx.replace(rng=k, model_state=model_state))
+                return (jax.tree.map(jnp.add, sums, (mb_loss, m, g)), model_state), None
 
-            zeros = jax.eval_shape(
-                grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, accum_steps)), step_key, frozen
-            )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1]))
+            shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), ctx)
+            (loss_s, (metrics_s, _)), grads_s = shapes
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
             keys = jax.random.split(step_key, accum_steps)
-            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (_microbatches(batch, accum_steps), keys))
-            loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+            (sums, model_state), _ = jax.lax.scan(body, (zeros, state.model_state), (micro, keys))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, sums)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
@@ -67,7 +81,12 @@ def make_train_step(
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=jax.random.key_data(next_key)
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            rng=jax.random.key_data(next_key),
+            model_state=model_state,
         )
         return new_state, metrics
 

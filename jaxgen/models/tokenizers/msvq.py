@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxgen.models.layers import constrain
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
-from jaxgen.models.tokenizers.quantizers import MultiScaleResidualQuantizer
+from jaxgen.models.tokenizers.quantizers import MultiScaleResidualQuantizer, check_codebook_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,8 @@ class MSVQConfig:
     using_znorm: bool = False
     beta: float = 0.25
     dtype: str = "float32"  # compute dtype of the conv nets (params stay float32)
+    ema_decay: float = 0.0  # > 0: EMA codebook in the "codebook" collection instead of a param (see quantizers.py)
+    dead_code_threshold: float = 0.0  # > 0 (EMA only): restart codes whose EMA cluster size falls below it
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -48,6 +50,7 @@ class MSVQConfig:
             )
         if list(self.patch_nums) != sorted(self.patch_nums):
             raise ValueError(f"MSVQConfig: patch_nums must increase, got {self.patch_nums}")
+        check_codebook_options(self.ema_decay, self.dead_code_threshold, "MSVQConfig")
 
     @property
     def downsample(self) -> int:
@@ -77,6 +80,8 @@ class MultiScaleVQVAE(nn.Module):
             c.default_qresi_counts,
             c.using_znorm,
             c.beta,
+            ema_decay=c.ema_decay,
+            dead_code_threshold=c.dead_code_threshold,
         )
 
     def check_image(self, img_bhwc: jax.Array) -> None:
@@ -117,8 +122,8 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.next_autoregressive_input(si, f_hat, h_bhwc)
 
     def codebook(self) -> Float[Array, "V C"]:
-        """The code vectors `[V, Cvae]`."""
-        return self.quantize.embedding.embedding
+        """The code vectors `[V, Cvae]` (the param, or the EMA codebook variable)."""
+        return self.quantize.codebook()
 
     def __call__(self, img_bhwc: jax.Array) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
         """Training forward: (raw reconstruction `[B, H, W, 3]`, VQ loss, per-scale ids)."""

@@ -7,6 +7,7 @@ Images `[B, H, W, 3]` in [-1, 1]; tokens `[B, h*w]` int32 row-major over the `h 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,7 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxgen.models.layers import constrain
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
-from jaxgen.models.tokenizers.quantizers import VectorQuantizer
+from jaxgen.models.tokenizers.quantizers import VectorQuantizer, check_codebook_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,8 @@ class VQConfig:
     l2_norm: bool = True
     beta: float = 0.25
     dtype: str = "float32"
+    ema_decay: float = 0.0  # > 0: EMA codebook in the "codebook" collection instead of a param (see quantizers.py)
+    dead_code_threshold: float = 0.0  # > 0 (EMA only): restart codes whose EMA cluster size falls below it
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -43,6 +46,7 @@ class VQConfig:
                 f"VQConfig: every channel count must be a multiple of 32 (GroupNorm has 32 groups); "
                 f"ch={self.ch} with ch_mult={self.ch_mult} gives {bad}"
             )
+        check_codebook_options(self.ema_decay, self.dead_code_threshold, "VQConfig")
 
     @property
     def downsample(self) -> int:
@@ -59,7 +63,14 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(c.ch, c.decoder_ch_mult, c.num_res_blocks, dtype=dtype)
         self.quant_conv = conv(c.codebook_embed_dim, 1)
         self.post_quant_conv = conv(c.z_channels, 1)
-        self.quantize = VectorQuantizer(c.codebook_size, c.codebook_embed_dim, c.l2_norm, c.beta)
+        self.quantize = VectorQuantizer(
+            c.codebook_size,
+            c.codebook_embed_dim,
+            c.l2_norm,
+            c.beta,
+            ema_decay=c.ema_decay,
+            dead_code_threshold=c.dead_code_threshold,
+        )
 
     def grid(self, img_bhwc) -> tuple[int, int]:
         """Token grid of an image size; a clear error when the size is not a multiple of the downsampling."""
@@ -90,6 +101,11 @@ class VQGAN(nn.Module):
         if idx_bl.shape[-1] != hw[0] * hw[1]:
             raise ValueError(f"{idx_bl.shape[-1]} tokens do not fill a {hw[0]}x{hw[1]} grid")
         return self.decode(self.quantize.codes(idx_bl, hw))
+
+    def decode_tokens(self, idx_bl: Int[Array, "B l"]) -> Float[Array, "B H W 3"]:
+        """Token ids `[B, g*g]` of a square grid -> raw image (the tokenizer-generic decode the samplers call)."""
+        g = math.isqrt(idx_bl.shape[-1])
+        return self.decode_code(idx_bl, (g, g))
 
     def codebook(self) -> Float[Array, "V C"]:
         return self.quantize.codebook()
