@@ -7,8 +7,13 @@ configs/digits_var.py: a VQ tokenizer (4x4 = 16 tokens per image) and then a cla
 
 import ml_collections
 
-from jaxgen.parallel.rules import DEFAULT_RULES
-from jaxgen.train.sections import make_smoke, tokenizer_loss_section, train_section
+from jaxgen.train.sections import (
+    digits_data_section,
+    make_smoke,
+    parallel_section,
+    tokenizer_loss_section,
+    train_section,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -17,22 +22,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer", "generator")
     cfg.tokenizer_checkpoint = ""
-    cfg.data = dict(
-        source="digits",
-        image_size=16,
-        data_dir="",
-        train_split="train",
-        eval_split="test",
-        random_flip=False,
-        convert_to_rgb=False,
-        worker_count=0,
-    )
+    cfg.data = digits_data_section()
     cfg.vq = dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     cfg.gpt = dict(num_classes=10, dim=128, n_layer=4, n_head=4, block_size=16, class_dropout_prob=0.1)
     cfg.tokenizer_loss = tokenizer_loss_section(rec_loss="l1")
     cfg.train_tokenizer = train_section(steps=600, lr=2e-3, sample_every=300)
     cfg.train_generator = train_section(steps=1500, lr=1e-3, weight_decay=0.05)
-    cfg.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules=[list(r) for r in DEFAULT_RULES])
+    cfg.parallel = parallel_section()
     cfg.sampling = dict(cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0)
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
     cfg.eval = dict(sample_batches=5)

@@ -12,8 +12,13 @@ perplexity; the report adds SSIM on the held-out digits and the class fidelity o
 
 import ml_collections
 
-from jaxgen.parallel.rules import DEFAULT_RULES
-from jaxgen.train.sections import make_smoke, tokenizer_loss_section, train_section
+from jaxgen.train.sections import (
+    digits_data_section,
+    make_smoke,
+    parallel_section,
+    tokenizer_loss_section,
+    train_section,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -22,16 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer", "generator")
     cfg.tokenizer_checkpoint = ""
-    cfg.data = dict(
-        source="digits",
-        image_size=16,
-        data_dir="",
-        train_split="train",
-        eval_split="test",
-        random_flip=False,
-        convert_to_rgb=False,
-        worker_count=0,
-    )
+    cfg.data = digits_data_section()
     cfg.titok = dict(
         image_size=16,
         patch_size=4,
@@ -56,7 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     cfg.train_tokenizer = train_section(steps=1000, lr=1e-3, warmup_steps=100, sample_every=500)
     cfg.train_generator = train_section(steps=1500, lr=1e-3, weight_decay=0.05)
-    cfg.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules=[list(r) for r in DEFAULT_RULES])
+    cfg.parallel = parallel_section()
     cfg.sampling = dict(cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0)
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
     cfg.eval = dict(sample_batches=5)

@@ -10,8 +10,13 @@ fit on real held-out digits.
 
 import ml_collections
 
-from jaxgen.parallel.rules import DEFAULT_RULES
-from jaxgen.train.sections import make_smoke, tokenizer_loss_section, train_section
+from jaxgen.train.sections import (
+    digits_data_section,
+    make_smoke,
+    parallel_section,
+    tokenizer_loss_section,
+    train_section,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -20,16 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer", "generator")
     cfg.tokenizer_checkpoint = ""  # used when stages has no "tokenizer"
-    cfg.data = dict(
-        source="digits",
-        image_size=16,
-        data_dir="",
-        train_split="train",
-        eval_split="test",
-        random_flip=False,  # digits are not mirror-symmetric
-        convert_to_rgb=False,
-        worker_count=0,
-    )
+    cfg.data = digits_data_section()
     cfg.vae = dict(
         vocab_size=256,
         z_channels=16,
@@ -58,7 +54,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.tokenizer_loss = tokenizer_loss_section(rec_loss="l1")
     cfg.train_tokenizer = train_section(steps=600, lr=2e-3, sample_every=300)
     cfg.train_generator = train_section(steps=1500, lr=1e-3, weight_decay=0.05, sample_every=500)
-    cfg.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules=[list(r) for r in DEFAULT_RULES])
+    cfg.parallel = parallel_section()
     cfg.sampling = dict(cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, more_smooth=False)
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
     cfg.eval = dict(sample_batches=5)  # x 10 classes x per_class samples scored by the classifier

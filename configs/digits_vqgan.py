@@ -12,8 +12,13 @@ weight file exists) on the held-out digits.
 
 import ml_collections
 
-from jaxgen.parallel.rules import DEFAULT_RULES
-from jaxgen.train.sections import make_smoke, tokenizer_loss_section, train_section
+from jaxgen.train.sections import (
+    digits_data_section,
+    make_smoke,
+    parallel_section,
+    tokenizer_loss_section,
+    train_section,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -22,16 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer",)
     cfg.tokenizer_checkpoint = ""
-    cfg.data = dict(
-        source="digits",
-        image_size=16,
-        data_dir="",
-        train_split="train",
-        eval_split="test",
-        random_flip=False,
-        convert_to_rgb=False,
-        worker_count=0,
-    )
+    cfg.data = digits_data_section()
     cfg.vq = dict(
         codebook_size=256,
         codebook_embed_dim=8,
@@ -56,7 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         usage_window=50,
     )
     cfg.train_tokenizer = train_section(steps=800, lr=2e-3, b1=0.5, b2=0.9, sample_every=400)
-    cfg.parallel = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules=[list(r) for r in DEFAULT_RULES])
+    cfg.parallel = parallel_section()
     if arg == "smoke":
         make_smoke(cfg)
         cfg.tokenizer_loss.disc_start = 5  # the adversarial terms run in the smoke test too

@@ -10,6 +10,7 @@ notebook can call the same way.
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -23,7 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, Ten
 
 def _quiet_libraries(record) -> bool:
     """Keep jaxgen's INFO lines; other libraries (Orbax logs every save step by step) only from WARNING up."""
-    return record.levelno >= logging.WARNING or "jaxgen" in record.pathname
+    # Python's level numbers: absl's logging.WARNING is its own scale (-1) and would let every record through.
+    return record.levelno >= py_logging.WARNING or "jaxgen" in record.pathname
 
 
 def main(argv):

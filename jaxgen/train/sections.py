@@ -1,4 +1,29 @@
-"""Defaults of a train stage's config section, so that configs list only what they change."""
+"""Defaults of the config sections that recipes share, so that configs list only what they change."""
+
+from jaxgen.parallel.rules import DEFAULT_RULES
+
+
+def digits_data_section(**overrides) -> dict:
+    """The `data` section of the digits recipes: scikit-learn's bundled digits (1,797 scans, 10 classes) at 16 px RGB,
+    with a fixed held-out split (see `jaxgen.data.sources`)."""
+    return (
+        dict(
+            source="digits",
+            image_size=16,
+            data_dir="",
+            train_split="train",
+            eval_split="test",
+            random_flip=False,  # digits are not mirror-symmetric
+            convert_to_rgb=False,
+            worker_count=0,
+        )
+        | overrides
+    )
+
+
+def parallel_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> dict:
+    """The `parallel` section: mesh axis sizes (one may be -1: the rest of the devices) and the logical-axis rules."""
+    return dict(mesh=dict(data=data, fsdp=fsdp, tensor=tensor), rules=[list(r) for r in DEFAULT_RULES])
 
 
 def train_section(**overrides) -> dict:
