@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,6 +132,9 @@ def time_official(name: str, dtype: str, batch: int, repeats: int, checkout: Pat
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
+    if not torch.distributed.is_initialized():  # VAR's quantizer reads the world size in training mode
+        init_file = Path(tempfile.mkdtemp()) / "pg"
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     model = _official_model(name, checkout, device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.from_numpy(_images(batch, 256)).permute(0, 3, 1, 2).contiguous().to(device)

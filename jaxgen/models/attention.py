@@ -1,11 +1,28 @@
-"""The attention op shared by the generators.
+"""The attention op shared by the generators, with three backends.
 
-`dot_product_attention` is the dense ("xla") backend: q `[B, H, Lq, D]`, k / v `[B, H, Lk, D]`, an optional boolean
-mask `[Lq, Lk]` (True = may attend). Logits and softmax run in float32 whatever the input dtype. The output carries
-the logical axes ('batch', 'heads', 'length', 'kv') (a no-op outside a mesh, see `jaxgen.models.layers.constrain`).
+`attention(q, k, v, *, mask, scale, backend)` is the entry point the generators call; q `[B, H, Lq, D]`, k / v
+`[B, Hkv, Lk, D]` with `H % Hkv == 0` (grouped-query: query head h reads kv head h // (H / Hkv)), an optional boolean
+mask broadcastable to `[Lq, Lk]` (True = may attend), shared by the batch and the heads. Backends:
+
+- `"xla"`: `dot_product_attention` below, the dense masked softmax (full `[Lq, Lk]` logits, masked entries -inf).
+  Grouped kv heads are repeated to H first.
+- `"cudnn"`: `jax.nn.dot_product_attention(..., implementation="cudnn")` (cuDNN flash attention; NVIDIA GPU only,
+  bfloat16 / float16 only). No mask, an all-True mask, or the square causal mask map onto cuDNN's own masks (the
+  causal one skips the upper triangle); any other mask is passed as JAX's boolean `mask` argument, which JAX turns
+  into a dense additive bias (no tile skipping) - or, on a JAX without that argument, is a ValueError.
+- `"pallas"`: `pallas_kernels.block_sparse_attention`, which skips the tiles the mask leaves empty. The mask must be
+  static (numpy, or a concrete array): its tile layout is planned on the host at trace time, so a traced mask is a
+  ValueError. `interpret=None` runs the kernels in Pallas interpret mode when JAX's default backend is the CPU.
+
+Logits and softmax run in float32 whatever the input dtype (all three). The output is `[B, H, Lq, D]` in v's dtype
+and carries the logical axes ('batch', 'heads', 'length', 'kv') (a no-op outside a mesh, see
+`jaxgen.models.layers.constrain`). A query row that may attend to nothing is NaN with `xla` (softmax of an all -inf
+row), 0 with `pallas`, and the mean of v with a `cudnn` bias mask; the generators never build such rows.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +30,9 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from jaxgen.models.layers import constrain
+
+BACKENDS = ("xla", "cudnn", "pallas")
+_OUT_AXES = ("batch", "heads", "length", "kv")
 
 
 def dot_product_attention(
@@ -23,12 +43,140 @@ def dot_product_attention(
     mask_ll: np.ndarray | jax.Array | None = None,
     scale: float = 1.0,
 ) -> jax.Array:
-    """softmax(scale * q k^T + mask) v -> `[B, H, Lq, D]` in the dtype of `v`."""
+    """softmax(scale * q k^T + mask) v -> `[B, H, Lq, D]` in the dtype of `v` (the dense "xla" backend; q / k / v
+    with equal heads)."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhld, k_bhld, preferred_element_type=jnp.float32) * scale
     if mask_ll is not None:
         logits = jnp.where(jnp.asarray(mask_ll), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v_bhld.dtype)
     return constrain(jnp.einsum("bhqk,bhkd->bhqd", weights, v_bhld), ("batch", "heads", "length", "kv"))
+
+
+def check_backend(backend: str, where: str = "attention") -> str:
+    """`backend` if it names one of `BACKENDS`, else a ValueError listing them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: unknown attention backend {backend!r}; expected one of 'xla', 'cudnn', 'pallas'")
+    return backend
+
+
+def _platform() -> str:
+    """JAX's default backend ('cpu', 'gpu', 'tpu'); one place, so tests can stand in a GPU."""
+    return jax.default_backend()
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _static_mask(mask, lq: int, lk: int) -> np.ndarray:
+    """A concrete mask -> numpy bool `[Lq, Lk]` (broadcast)."""
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_:
+        arr = arr != 0
+    try:
+        return np.broadcast_to(arr, (lq, lk))
+    except ValueError as e:
+        raise ValueError(f"attention: mask of shape {arr.shape} does not broadcast to [Lq, Lk] = [{lq}, {lk}]") from e
+
+
+def _cudnn_takes_mask() -> bool:
+    return "mask" in inspect.signature(jax.nn.dot_product_attention).parameters
+
+
+def _cudnn(q, k, v, mask, scale: float):
+    platform = _platform()
+    if platform != "gpu":
+        raise ValueError(
+            f"attention backend 'cudnn' runs only on an NVIDIA GPU (cuDNN flash attention), but JAX's default backend "
+            f"is {platform!r}; use backend 'xla' or 'pallas' there"
+        )
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"attention backend 'cudnn' needs bfloat16 or float16 q / k / v, got {jnp.dtype(q.dtype)}; run the model "
+            f"with dtype='bfloat16' or use backend 'xla' or 'pallas'"
+        )
+    lq, lk = q.shape[2], k.shape[2]
+    is_causal, mask_arg = False, None
+    if mask is not None:
+        if _is_traced(mask):
+            mask_arg = jnp.broadcast_to(jnp.asarray(mask, bool), (lq, lk))
+        else:
+            mask_np = _static_mask(mask, lq, lk)
+            if mask_np.all():
+                pass
+            elif lq == lk and np.array_equal(mask_np, np.tri(lq, dtype=bool)):
+                is_causal = True
+            else:
+                mask_arg = jnp.asarray(mask_np)
+        if mask_arg is not None:
+            if not _cudnn_takes_mask():
+                raise ValueError(
+                    f"attention backend 'cudnn': this JAX ({jax.__version__}) passes only no mask or a causal mask to "
+                    f"cuDNN, and this [{lq}, {lk}] mask is neither; use backend 'xla' or 'pallas' for it"
+                )
+    mask_kw = {} if mask_arg is None else {"mask": mask_arg[None, None]}  # [1, 1, Lq, Lk]: over batch and heads
+    out = jax.nn.dot_product_attention(
+        jnp.swapaxes(q, 1, 2),  # jax.nn takes [B, L, H, D]; GQA (fewer kv heads) is native
+        jnp.swapaxes(k, 1, 2),
+        jnp.swapaxes(v, 1, 2),
+        scale=float(scale),
+        is_causal=is_causal,
+        implementation="cudnn",
+        **mask_kw,
+    )
+    return constrain(jnp.swapaxes(out, 1, 2).astype(v.dtype), _OUT_AXES)
+
+
+def _pallas(q, k, v, mask, scale: float, interpret: bool | None):
+    from pallas_kernels.block_sparse_attention import block_sparse_attention
+
+    lq, lk = q.shape[2], k.shape[2]
+    if mask is None:
+        mask_np = np.ones((lq, lk), bool)
+    elif _is_traced(mask):
+        raise ValueError(
+            "attention backend 'pallas' needs a static mask (numpy, known at trace time: the block-sparse kernel "
+            "plans its tiles on the host), but this mask is a traced JAX value; use backend 'xla' for a "
+            "data-dependent mask"
+        )
+    else:
+        mask_np = np.ascontiguousarray(_static_mask(mask, lq, lk))
+    if interpret is None:
+        interpret = _platform() == "cpu"
+    out = block_sparse_attention(q, k, v, mask_np, sm_scale=float(scale), interpret=bool(interpret))
+    return constrain(out.astype(v.dtype), _OUT_AXES)
+
+
+def attention(
+    q_bhld: Float[Array, "B H Lq D"],
+    k_bhld: Float[Array, "B Hkv Lk D"],
+    v_bhld: Float[Array, "B Hkv Lk D"],
+    *,
+    mask: np.ndarray | jax.Array | None = None,
+    scale: float,
+    backend: str = "xla",
+    interpret: bool | None = None,
+) -> jax.Array:
+    """softmax(scale * q k^T, masked) v -> `[B, H, Lq, D]` in v's dtype, by `backend` ('xla' | 'cudnn' | 'pallas';
+    see the module docstring for what each accepts). `interpret` only concerns 'pallas' (None: interpret mode on
+    CPU). Raises ValueError for an unknown backend, 'cudnn' off an NVIDIA GPU or in float32, and a traced mask with
+    'pallas'."""
+    check_backend(backend)
+    for name, x in (("q", q_bhld), ("k", k_bhld), ("v", v_bhld)):
+        if x.ndim != 4:
+            raise ValueError(f"attention: {name} must be [B, H, L, D], got shape {tuple(x.shape)}")
+    h, hkv = q_bhld.shape[1], k_bhld.shape[1]
+    if v_bhld.shape[1] != hkv or hkv < 1 or h % hkv:
+        raise ValueError(
+            f"attention: k / v heads ({hkv}, {v_bhld.shape[1]}) must be equal and divide q's {h} heads (grouped-query)"
+        )
+    if backend == "xla":
+        if hkv != h:  # repeat_interleave: query head i reads kv head i // (h / hkv)
+            k_bhld, v_bhld = (jnp.repeat(t, h // hkv, axis=1) for t in (k_bhld, v_bhld))
+        return dot_product_attention(q_bhld, k_bhld, v_bhld, mask_ll=mask, scale=scale)
+    if backend == "cudnn":
+        return _cudnn(q_bhld, k_bhld, v_bhld, mask, scale)
+    return _pallas(q_bhld, k_bhld, v_bhld, mask, scale, interpret)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:

@@ -3,7 +3,10 @@
 Sequence layout: the S scales' token maps (p_k x p_k, row-major) concatenated, L = sum p_k^2 tokens; token 0 is the
 class "start" token, the others are the teacher-forcing inputs `[B, L - p_0^2, Cvae]` (see
 `MultiScaleResidualQuantizer.teacher_forcing_input`). Attention is scale-causal: a token sees its own scale and all
-coarser ones. Parameter names follow upstream (`blocks_3/attn/mat_qkv` for `blocks.3.attn.mat_qkv`).
+coarser ones. It runs on `NextScaleConfig.attn_backend` (`jaxgen.models.attention.attention`: "xla" | "cudnn" |
+"pallas") in teacher forcing (the static `[L, L]` scale-causal mask) and in KV-cached sampling (`decode_scale`: no
+mask, the keys being exactly the cache so far plus this scale). Parameter names follow upstream
+(`blocks_3/attn/mat_qkv` for `blocks.3.attn.mat_qkv`).
 
 Logical axes (`jaxgen.parallel.rules`): width C 'embed', packed q|k|v 'qkv', heads * head_dim 'heads', FFN hidden
 'mlp', AdaLN outputs 'adaln', vocabulary 'vocab', tokenizer code width 'latent', token positions 'length'.
@@ -22,7 +25,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxgen.models.attention import dot_product_attention, l2_normalize
+from jaxgen.models.attention import attention, check_backend, l2_normalize
 from jaxgen.models.layers import constrain, logical
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per block: (k, v), each [B, H, L_so_far, head_dim]
@@ -46,9 +49,13 @@ class NextScaleConfig:
     cond_drop_rate: float = 0.1  # label dropout for classifier-free guidance, training only
     drop_path_rate: float = 0.0
     dtype: str = "float32"  # compute dtype of the matmuls (params, norms and softmax stay float32)
+    # attention kernel, see `jaxgen.models.attention.attention`: "xla" (dense masked), "cudnn" (GPU, bf16/fp16),
+    # "pallas" (block-sparse: skips the tiles the scale-causal mask leaves empty)
+    attn_backend: str = "xla"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        check_backend(self.attn_backend, "NextScaleConfig.attn_backend")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"NextScaleConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
@@ -108,7 +115,7 @@ def _ada_lin_init(std: float, width: int, gamma_gain: float = 1e-5, gain: float 
 
 class SelfAttention(nn.Module):
     """VAR attention: packed qkv (bias = q_bias | 0 | v_bias), optional L2-normalised q/k with a learnable per-head
-    log-scale clamped at ln(100)."""
+    log-scale clamped at ln(100). The attention itself runs on `attn_backend` (`jaxgen.models.attention.attention`)."""
 
     embed_dim: int
     num_heads: int
@@ -116,6 +123,7 @@ class SelfAttention(nn.Module):
     init_std: float
     out_std: float
     dtype: Any = jnp.float32
+    attn_backend: str = "xla"
 
     @nn.compact
     def __call__(
@@ -142,7 +150,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k = jnp.concatenate([cache[0], k], axis=2)
             v = jnp.concatenate([cache[1], v], axis=2)
-        out = dot_product_attention(q, k, v, mask_ll=mask_ll, scale=scale)
+        out = attention(q, k, v, mask=mask_ll, scale=scale, backend=self.attn_backend)
         out = constrain(jnp.transpose(out, (0, 2, 1, 3)).reshape(b, seq, c), ("batch", "length", "heads"))
         out = _dense(c, _trunc(self.out_std), ("heads", "embed"), dtype=self.dtype, name="proj")(out)
         return out.astype(jnp.float32), (k, v)
@@ -190,6 +198,7 @@ class AdaLNSelfAttn(nn.Module):
     init_std: float
     out_std: float
     dtype: Any = jnp.float32
+    attn_backend: str = "xla"
 
     @nn.compact
     def __call__(self, x_blc, cond, mask_ll=None, cache=None, train: bool = False):
@@ -206,7 +215,14 @@ class AdaLNSelfAttn(nn.Module):
         rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
         rngs = jax.random.split(rng) if rng is not None else (None, None)
         attn_out, kv = SelfAttention(
-            c, self.num_heads, self.attn_l2_norm, self.init_std, self.out_std, dtype=self.dtype, name="attn"
+            c,
+            self.num_heads,
+            self.attn_l2_norm,
+            self.init_std,
+            self.out_std,
+            dtype=self.dtype,
+            attn_backend=self.attn_backend,
+            name="attn",
         )((ln(x_blc) * (1 + scale1) + shift1).astype(self.dtype), mask_ll, cache)
         x_blc = x_blc + _drop_path(attn_out * gamma1, self.drop_path, rngs[0])
         ffn_out = FFN(round(c * self.mlp_ratio), self.init_std, self.out_std, dtype=self.dtype, name="ffn")(
@@ -262,6 +278,7 @@ class NextScaleTransformer(nn.Module):
                 init_std,
                 out_std,
                 dtype=dtype,
+                attn_backend=c.attn_backend,
             )
             for i in range(c.depth)
         ]
@@ -299,7 +316,11 @@ class NextScaleTransformer(nn.Module):
         return logits.astype(jnp.float32), new_caches
 
     def decode_scale(self, x_blc: jax.Array, cond_bd: jax.Array, caches: KVCache | None):
-        """One sampling step: this scale's tokens attend to the cache and themselves (no mask needed)."""
+        """One sampling step: this scale's tokens attend to the cache and themselves (no mask needed).
+
+        The keys are the cache concatenated with this scale's own (a static length per scale, the scale loop being
+        unrolled), so every key is valid: the mask is all-True, static, and every backend runs it (with 'pallas'
+        as a full `[p^2, L_so_far]` mask)."""
         return self.trunk(x_blc, cond_bd, None, caches)
 
     def __call__(

@@ -9,6 +9,11 @@ k are exactly 0. Parameter names follow upstream (`layers_3/attention/wqkv` for 
 Sampling runs with a functional KV cache: `init_cache` -> `prefill` (the class token, position 0) -> `decode_step`
 (the previous token at position 1, 2, ..., a traced int32, so the step compiles once and runs inside `lax.scan`).
 
+Attention backend (`NextTokenConfig.attn_backend`, see `jaxgen.models.attention.attention`): teacher forcing (causal
+mask) and `prefill` (static valid-prefix mask) run on it; `decode_step` always runs the dense path, whatever the
+backend, because its valid-prefix mask depends on the traced position (the block-sparse kernel needs a static mask)
+and a length-1 query gains nothing from a block-sparse or flash kernel.
+
 Logical axes (`jaxgen.parallel.rules`): width 'embed', packed q|k|v 'qkv', heads * head_dim 'heads', SwiGLU hidden
 'mlp', vocabulary 'vocab', class table rows 'classes', norm scales 'norm'.
 """
@@ -26,6 +31,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from jaxgen.models.attention import attention, check_backend
 from jaxgen.models.layers import RMSNorm, apply_rope, constrain, logical, rope_1d_table, rope_2d_table
 
 # Per layer (k, v), each [B, kv_heads, max_len, head_dim] in the compute dtype; slot p holds sequence position p.
@@ -52,8 +58,12 @@ class NextTokenConfig:
     rope_2d: bool = True  # False: 1D RoPE over the image-token positions
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance, training only (label -> num_classes)
     dtype: str = "float32"  # compute dtype of the matmuls and the KV cache; params, norms, RoPE, softmax stay float32
+    # attention kernel, see `jaxgen.models.attention.attention`: "xla" (dense masked), "cudnn" (GPU, bf16/fp16),
+    # "pallas" (block-sparse, skips the empty tiles of the causal mask); `decode_step` is always dense
+    attn_backend: str = "xla"
 
     def __post_init__(self):
+        check_backend(self.attn_backend, "NextTokenConfig.attn_backend")
         if self.dim % self.n_head:
             raise ValueError(f"NextTokenConfig: dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
@@ -154,8 +164,9 @@ def grouped_attention(
     `repeat_interleave`), without materialising the repeated keys. `mask` is boolean, True = may attend,
     broadcastable to `[B, 1, 1, Lq, Lk]` (e.g. `[Lq, Lk]`). Logits and softmax in float32; output in v's dtype.
 
-    (`jaxgen.models.attention.dot_product_attention` takes `[B, H, L, D]` with equal q / kv heads and a `[Lq, Lk]`
-    mask; this layout avoids transposing and repeating the KV cache at every decode step.)"""
+    (`jaxgen.models.attention.attention(backend="xla")` takes `[B, H, L, D]` and repeats grouped kv heads; this
+    layout avoids transposing and repeating the KV cache at every decode step. It is the "xla" backend of
+    `Attention` below.)"""
     b, lq, h, d = q_blhd.shape
     kvh = k_bksd.shape[1]
     q = q_blhd.reshape(b, lq, kvh, h // kvh, d)
@@ -172,18 +183,31 @@ def _dense(features: int, dtype, names: tuple[str, str], std: float = 0.02, name
     return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
+def _attend(q_blhd, k_bksd, v_bksd, mask, scale: float, backend: str) -> jax.Array:
+    """`[B, L, H, hd]` attention output by backend. "xla" is `grouped_attention` (the dense path, unchanged: no
+    transpose of q, no repeat of the KV cache); "cudnn" / "pallas" go through `jaxgen.models.attention.attention`
+    in its `[B, H, L, D]` layout, with the grouped kv heads passed as they are."""
+    if backend == "xla":
+        return grouped_attention(q_blhd, k_bksd, v_bksd, mask, scale)
+    out = attention(jnp.swapaxes(q_blhd, 1, 2), k_bksd, v_bksd, mask=mask, scale=scale, backend=backend)
+    return jnp.swapaxes(out, 1, 2)
+
+
 class Attention(nn.Module):
     """Packed `wqkv` (output = [q: n_head*hd | k: kv*hd | v: kv*hd], head-major), RoPE on q and k, `wo`."""
 
     n_head: int
     kv_heads: int
     dtype: Any = jnp.float32
+    attn_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None):
-        """x `[B, L, C]`, rope `[L, D/2, 2]`, mask (broadcastable to `[B, 1, 1, L, Lk]`). Without a cache the keys
-        are this call's own; with one, k/v are written at slots [start, start + L) of the `[B, K, S, hd]` cache and
-        the queries attend over all S slots. Returns (out `[B, L, C]` float32, updated (k, v) or None)."""
+    def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None, backend: str | None = None):
+        """x `[B, L, C]`, rope `[L, D/2, 2]`, mask (broadcastable to `[B, 1, 1, L, Lk]`; with "cudnn" / "pallas"
+        to `[L, Lk]`, and static for "pallas"). Without a cache the keys are this call's own; with one, k/v are
+        written at slots [start, start + L) of the `[B, K, S, hd]` cache and the queries attend over all S slots.
+        `backend` overrides `attn_backend` for this call. Returns (out `[B, L, C]` float32, updated (k, v) or
+        None)."""
         b, seq, c = x_bld.shape
         hd = c // self.n_head
         qkv = _dense((self.n_head + 2 * self.kv_heads) * hd, self.dtype, ("embed", "qkv"), name="wqkv")(x_bld)
@@ -200,7 +224,8 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
         k, v = (constrain(t, ("batch", "heads", "length", "kv")) for t in (k, v))
         new_cache = None if cache is None else (k, v)
-        out = constrain(grouped_attention(q, k, v, mask, 1.0 / math.sqrt(hd)), ("batch", "length", "heads", "kv"))
+        backend = self.attn_backend if backend is None else backend
+        out = constrain(_attend(q, k, v, mask, 1.0 / math.sqrt(hd), backend), ("batch", "length", "heads", "kv"))
         out = _dense(c, self.dtype, ("heads", "embed"), name="wo")(out.reshape(b, seq, c))
         return out.astype(jnp.float32), new_cache
 
@@ -225,13 +250,13 @@ class TransformerBlock(nn.Module):
     config: NextTokenConfig
 
     @nn.compact
-    def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None):
+    def __call__(self, x_bld, rope_lp2, mask, cache=None, start=None, backend: str | None = None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         x_bld = constrain(x_bld, ("batch", "length", "embed"))
         attn_in = RMSNorm(c.norm_eps, name="attention_norm")(x_bld).astype(dtype)
-        attn_out, new_cache = Attention(c.n_head, c.kv_heads, dtype, name="attention")(
-            attn_in, rope_lp2, mask, cache, start
+        attn_out, new_cache = Attention(c.n_head, c.kv_heads, dtype, c.attn_backend, name="attention")(
+            attn_in, rope_lp2, mask, cache, start, backend
         )
         h = x_bld + attn_out
         ffn_out = FeedForward(c.ffn_hidden, dtype, name="feed_forward")(
@@ -262,10 +287,11 @@ class NextTokenTransformer(nn.Module):
         logits = self.output(self.norm(x_bld).astype(jnp.dtype(self.config.dtype)))
         return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
-    def _trunk(self, x_bld, rope_lp2, mask, cache: KVCache | None = None, start=None):
+    def _trunk(self, x_bld, rope_lp2, mask, cache: KVCache | None = None, start=None, backend: str | None = None):
+        """The layers and the head; `backend` (None: `config.attn_backend`) picks the attention kernel."""
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x_bld, kv = layer(x_bld, rope_lp2, mask, None if cache is None else cache[i], start)
+            x_bld, kv = layer(x_bld, rope_lp2, mask, None if cache is None else cache[i], start, backend)
             new_cache.append(kv)
         return self._head(x_bld), (tuple(new_cache) if cache is not None else None)
 
@@ -314,7 +340,8 @@ class NextTokenTransformer(nn.Module):
 
     def prefill(self, labels_b: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
         """Run the class token at position 0, write its k/v into cache slot 0; return (logits of position 0
-        `[B, V]` float32, which predict image token 0, and the cache)."""
+        `[B, V]` float32, which predict image token 0, and the cache). The mask over the cache (slot 0 only) is
+        static, so this runs on `config.attn_backend`."""
         c = self.config
         self._check_cache(cache, labels_b.shape[0])
         x = self.cls_embedding(labels_b)[:, None]  # [B, 1, C]
@@ -332,7 +359,11 @@ class NextTokenTransformer(nn.Module):
         float32, which predict the token at `pos`, i.e. image token `pos`, and the cache).
 
         No bounds check on a traced `pos`: keep 1 <= pos < min(max_len, num_positions) (out-of-range indices are
-        clamped by XLA)."""
+        clamped by XLA).
+
+        Attention here is always the dense "xla" path, whatever `config.attn_backend`: the valid-prefix mask
+        (slots <= pos) is traced, which the block-sparse kernel cannot take (it plans its tiles from a static mask),
+        and a length-1 query reads every valid key once anyway, so a block-sparse or flash kernel gains nothing."""
         c = self.config
         self._check_cache(cache, tokens_b.shape[0])
         pos = jnp.asarray(pos, jnp.int32)
@@ -340,5 +371,5 @@ class NextTokenTransformer(nn.Module):
         slots = cache[0][0].shape[2]
         mask = (jnp.arange(slots) <= pos)[None, :]  # [1, S]
         rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(c.rope_table()), pos, 1, axis=0)  # [1, D/2, 2]
-        logits, cache = self._trunk(x, rope, mask, cache, pos)
+        logits, cache = self._trunk(x, rope, mask, cache, pos, backend="xla")
         return logits[:, 0], cache
