@@ -119,7 +119,11 @@ def _official_model(name: str, checkout: Path, device: str):
         sys.path.insert(0, str(checkout / "LlamaGen"))
         from tokenizer.tokenizer_image.vq_model import VQ_16
 
-        return VQ_16().to(device)
+        model = VQ_16().to(device)
+        # Upstream keeps its usage counter as a Parameter inside a buffer and updates it in place, which autograd
+        # refuses outside no_grad; it is bookkeeping, not a weight.
+        model.quantize.codebook_used.requires_grad_(False)
+        return model
     sys.path.insert(0, str(checkout / "VAR"))
     from models.vqvae import VQVAE
 
@@ -195,15 +199,15 @@ def main() -> int:
             base = {"model": name, "dtype": dtype, "batch": b, "image_size": 256}
             for losses in args.losses.split(","):
                 r = time_jaxgen_train(name, dtype, losses, b, args.repeats)
-                rates = {"steps_per_s": round(1 / r["step_s"], 3), "images_per_s": round(b / r["step_s"], 2)}
+                rates = {"steps_per_s": round(1 / r["step_s"], 3), "images_per_s": round(b / r["step_s"], 4)}
                 emit(rows, base | {"impl": "jaxgen", "what": "train", "losses": losses, **r, **rates})
             enc, dec = time_jaxgen_coding(name, dtype, b, args.repeats)
             for what, r in (("encode", enc), ("decode", dec)):
-                emit(rows, base | {"impl": "jaxgen", "what": what, **r, "images_per_s": round(b / r["step_s"], 2)})
+                emit(rows, base | {"impl": "jaxgen", "what": what, **r, "images_per_s": round(b / r["step_s"], 4)})
             if args.official:
                 for what, r in time_official(name, dtype, b, args.repeats, Path(args.official)).items():
                     extra = {"losses": "l1_vq"} if what == "train" else {}
-                    rate = {"images_per_s": round(b / r["step_s"], 2)}
+                    rate = {"images_per_s": round(b / r["step_s"], 4)}
                     emit(rows, base | {"impl": OFFICIAL, "what": what, **extra, **r, **rate})
     write_report("tokenizer", args.out, rows, args=vars(args))
     return 0
