@@ -7,6 +7,7 @@ import inspect
 from pathlib import Path
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -186,6 +187,47 @@ def test_pallas_backend_equals_xla_with_grouped_heads(mask):
 def test_pallas_backend_cross_attention_lengths():
     q, k, v = _qkv(lq=9, lk=14)  # a VAR decode step: this scale's 9 queries over the 14 cached + own keys
     _rel_close(attention(q, k, v, scale=0.25, backend="pallas"), attention(q, k, v, scale=0.25))
+
+
+def _shard_map_eqns(jaxpr):
+    """Every `shard_map` equation in a closed jaxpr, nested ones included."""
+    found = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map"]
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        found += _shard_map_eqns(sub)
+    return found
+
+
+@pytest.mark.parametrize("hkv", [2, 1], ids=["kv-heads-split", "kv-heads-repeated"])
+def test_pallas_backend_under_a_mesh_runs_per_device_slices(hkv):
+    """Under a 2x2x2 mesh the kernel runs inside shard_map on each device's batch / heads slice (XLA cannot split a
+    custom call: it would gather everything onto every device) and gives the unsharded values and gradients. With one
+    kv head, which 'tensor' = 2 cannot split, the kv heads are repeated to q's first."""
+    from jaxgen.parallel.mesh import create_mesh
+    from jaxgen.parallel.partition import activation_rules
+
+    b, h, length, d = 4, 4, 30, 16
+    q, k, v = _qkv(b=b, h=h, hkv=hkv, lq=length, lk=length, d=d)
+    mask = scale_causal_mask((1, 2, 3, 4))
+
+    def loss(q, k, v, backend):
+        return jnp.sum(attention(q, k, v, mask=mask, scale=d**-0.5, backend=backend) ** 2)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    want = grad_fn(q, k, v, "xla")
+    with activation_rules(create_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        jaxpr = jax.make_jaxpr(grad_fn, static_argnums=3)(q, k, v, "pallas")
+        got = grad_fn(q, k, v, "pallas")
+    maps = _shard_map_eqns(jaxpr.jaxpr)
+    assert maps, "the pallas call is not under shard_map"
+    inner = maps[0].params["jaxpr"]
+    # batch 4 over data x fsdp = 4, heads 4 over tensor = 2: each device holds [1, 2, L, D] of q
+    # the block tables enter replicated; q, k, v come last. batch 4 over data x fsdp = 4 and heads 4 over tensor = 2:
+    # each device runs the kernel on [1, 2, L, D] of q
+    *_, q_in, k_in, _ = inner.invars
+    assert tuple(q_in.aval.shape) == (b // 4, h // 2, length, d)
+    assert tuple(k_in.aval.shape) == (b // 4, hkv // 2 if hkv % 2 == 0 else h // 2, length, d)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        _rel_close(g, w)
 
 
 def test_pallas_backend_rejects_a_traced_mask():

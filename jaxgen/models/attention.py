@@ -13,6 +13,8 @@ mask broadcastable to `[Lq, Lk]` (True = may attend), shared by the batch and th
 - `"pallas"`: `pallas_kernels.block_sparse_attention`, which skips the tiles the mask leaves empty. The mask must be
   static (numpy, or a concrete array): its tile layout is planned on the host at trace time, so a traced mask is a
   ValueError. `interpret=None` runs the kernels in Pallas interpret mode when JAX's default backend is the CPU.
+  Under a mesh with logical axis rules (`jaxgen.parallel.partition.activation_rules`) the kernel runs inside
+  `jax.shard_map`, each device on its own batch x heads slice (XLA cannot partition the Pallas custom call).
 
 Logits and softmax run in float32 whatever the input dtype (all three). The output is `[B, H, Lq, D]` in v's dtype
 and carries the logical axes ('batch', 'heads', 'length', 'kv') (a no-op outside a mesh, see
@@ -22,11 +24,14 @@ row), 0 with `pallas`, and the mean of v with a `cudnn` bias mask; the generator
 
 from __future__ import annotations
 
+import functools
 import inspect
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from jaxgen.models.layers import constrain
@@ -143,8 +148,42 @@ def _pallas(q, k, v, mask, scale: float, interpret: bool | None):
         mask_np = np.ascontiguousarray(_static_mask(mask, lq, lk))
     if interpret is None:
         interpret = _platform() == "cpu"
-    out = block_sparse_attention(q, k, v, mask_np, sm_scale=float(scale), interpret=bool(interpret))
+    kernel = functools.partial(block_sparse_attention, mask=mask_np, sm_scale=float(scale), interpret=bool(interpret))
+    plan = _shard_plan(q, k)
+    if plan is None:
+        out = kernel(q, k, v)
+    else:
+        mesh, q_spec, kv_spec = plan
+        if kv_spec[1] != q_spec[1]:  # kv heads do not split like q's: give every shard its q heads' kv heads
+            k, v = (jnp.repeat(t, q.shape[1] // k.shape[1], axis=1) for t in (k, v))
+            kv_spec = q_spec
+        out = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
+            q, k, v
+        )
     return constrain(out.astype(v.dtype), _OUT_AXES)
+
+
+def _shard_plan(q, k) -> tuple[jax.sharding.AbstractMesh, PartitionSpec, PartitionSpec] | None:
+    """Under a mesh with logical axis rules (`jaxgen.parallel.partition.activation_rules`): the mesh and the
+    `[B, H, L, D]` partition specs of q and of k / v that split batch and heads as the 'batch' and 'heads' rules say
+    (mesh axes that do not divide a size dropped; length and head_dim whole, as the kernel needs every key of its
+    rows). None outside a mesh or when nothing would be split.
+
+    The Pallas call is a custom call that XLA's partitioner cannot split, so without this it would gather q / k / v
+    onto every device and run the whole attention there; under `shard_map` each device runs the kernel on its own
+    batch x heads slice, which needs no communication at all."""
+    from jaxgen.parallel.partition import fit_spec  # jaxgen.parallel imports jaxgen.models: import at call time
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    batch_heads = nn.logical_to_mesh_axes(("batch", "heads"), rules)
+    spec = PartitionSpec(*batch_heads, None, None)
+    q_spec, kv_spec = fit_spec(spec, q.shape, mesh), fit_spec(spec, k.shape, mesh)
+    if all(entry is None for entry in q_spec):
+        return None
+    return mesh, q_spec, kv_spec
 
 
 def attention(
