@@ -180,46 +180,67 @@ def _fwd_kernel(*refs, sm_scale: float, block_k: int, has_segments: bool):
     lse_ref[...] = jnp.where(nonempty, m + jnp.log2(l_safe), jnp.inf)  # +inf: P == 0 in the backward pass
 
 
+def _table_inputs(meta, prefix: str, *, listed: int, tiles: int) -> tuple[list, list]:
+    """(BlockSpecs, arrays) of a pass's four block tables (``{prefix}_full_index``, ``_full_count``,
+    ``_part_index``, ``_part_count``) for a grid ``(batch * heads, tile t)``: program t reads its own index row
+    ``[listed]`` and the whole count vector ``[tiles]``."""
+    index_spec = pl.BlockSpec((None, listed), lambda _, t: (t, 0))
+    count_spec = pl.BlockSpec((tiles,), lambda _, t: (0,))
+    names = ("full_index", "full_count", "part_index", "part_count")
+    return [index_spec, count_spec, index_spec, count_spec], [meta[f"{prefix}_{name}"] for name in names]
+
+
+def _q_row_pass_inputs(meta, prefix: str, q, k, v, q_ids, kv_ids, *, block_q: int, num_k_blocks: int):
+    """The inputs the passes over q row tiles (forward, dQ; grid ``(b * H + h, q tile)``) share, as
+    ``(specs, args, segment_specs, segment_args)``: the block tables, the mask rows of the q tile, q's tile and the
+    whole k / v of its kv head (``(b * H + h) // group == b * H_kv + h // group``); then the segment ids (empty
+    lists without). The kernels take the segment ids after their pass's own extra inputs."""
+    batch, num_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    kv_head = lambda bh: lax.div(bh, group)
+    batch_of = lambda bh: lax.div(bh, num_heads)
+    table_specs, table_args = _table_inputs(meta, prefix, listed=num_k_blocks, tiles=seq_q // block_q)
+    kv_spec = pl.BlockSpec((None, seq_k, head_dim), lambda bh, qi: (kv_head(bh), 0, 0))
+    specs = [
+        *table_specs,
+        pl.BlockSpec((block_q, seq_k), lambda bh, qi: (qi, 0)),  # mask rows of this q tile
+        pl.BlockSpec((None, block_q, head_dim), lambda bh, qi: (bh, qi, 0)),
+        kv_spec,
+        kv_spec,
+    ]
+    args = [
+        *table_args,
+        meta["mask"],
+        q.reshape(batch * num_heads, seq_q, head_dim),
+        k.reshape(batch * num_kv_heads, seq_k, head_dim),
+        v.reshape(batch * num_kv_heads, seq_k, head_dim),
+    ]
+    if q_ids is None:
+        return specs, args, [], []
+    segment_specs = [
+        pl.BlockSpec((None, block_q), lambda bh, qi: (batch_of(bh), qi)),
+        pl.BlockSpec((None, seq_k), lambda bh, qi: (batch_of(bh), 0)),
+    ]
+    return specs, args, segment_specs, [q_ids, kv_ids]
+
+
 def forward(q, k, v, q_segment_ids, kv_segment_ids, meta, *, sm_scale: float, block_sizes, interpret: bool):
     """q ``[B, H, Lq, D]``, k/v ``[B, H_kv, Lk, D]`` (lengths padded to tile multiples) -> (out, lse ``[B, H, Lq]``).
 
     ``lse`` is the base-2 logsumexp of the scaled logits (``+inf`` on rows with nothing to attend).
     """
     batch, num_heads, seq_q, head_dim = q.shape
-    num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
+    seq_k = k.shape[2]
     block_q, block_k = block_sizes.block_q, block_sizes.block_k
     num_q_blocks, num_k_blocks = seq_q // block_q, seq_k // block_k
     has_segments = q_segment_ids is not None
 
-    kv_head = lambda bh: lax.div(bh, group)  # (b * H + h) // group == b * H_kv + h // group
-    batch_of = lambda bh: lax.div(bh, num_heads)
-    in_specs = [
-        pl.BlockSpec((None, num_k_blocks), lambda bh, qi: (qi, 0)),  # full tiles of this q block
-        pl.BlockSpec((num_q_blocks,), lambda bh, qi: (0,)),
-        pl.BlockSpec((None, num_k_blocks), lambda bh, qi: (qi, 0)),  # partial tiles
-        pl.BlockSpec((num_q_blocks,), lambda bh, qi: (0,)),
-        pl.BlockSpec((block_q, seq_k), lambda bh, qi: (qi, 0)),  # mask rows of this q block
-        pl.BlockSpec((None, block_q, head_dim), lambda bh, qi: (bh, qi, 0)),
-        pl.BlockSpec((None, seq_k, head_dim), lambda bh, qi: (kv_head(bh), 0, 0)),
-        pl.BlockSpec((None, seq_k, head_dim), lambda bh, qi: (kv_head(bh), 0, 0)),
-    ]
-    args = [
-        meta["fwd_full_index"],
-        meta["fwd_full_count"],
-        meta["fwd_part_index"],
-        meta["fwd_part_count"],
-        meta["mask"],
-        q.reshape(batch * num_heads, seq_q, head_dim),
-        k.reshape(batch * num_kv_heads, seq_k, head_dim),
-        v.reshape(batch * num_kv_heads, seq_k, head_dim),
-    ]
-    if has_segments:
-        in_specs += [
-            pl.BlockSpec((None, block_q), lambda bh, qi: (batch_of(bh), qi)),
-            pl.BlockSpec((None, seq_k), lambda bh, qi: (batch_of(bh), 0)),
-        ]
-        args += [q_segment_ids, kv_segment_ids]
+    specs, args, seg_specs, seg_args = _q_row_pass_inputs(
+        meta, "fwd", q, k, v, q_segment_ids, kv_segment_ids, block_q=block_q, num_k_blocks=num_k_blocks
+    )
+    in_specs = specs + seg_specs
+    args = args + seg_args
     kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, block_k=block_k, has_segments=has_segments)
     out, lse = pl.pallas_call(
         kernel,
@@ -331,11 +352,9 @@ def backward(
     nq, nk = seq_q // bq, seq_k // bk
     grouped = lambda x: x.reshape(batch * num_kv_heads, group, *x.shape[2:])
     batch_of = lambda b_kv: lax.div(b_kv, num_kv_heads)
+    table_specs, table_args = _table_inputs(meta, "dkv", listed=nq, tiles=nk)
     in_specs = [
-        pl.BlockSpec((None, nq), lambda b_kv, ki: (ki, 0)),
-        pl.BlockSpec((nk,), lambda b_kv, ki: (0,)),
-        pl.BlockSpec((None, nq), lambda b_kv, ki: (ki, 0)),
-        pl.BlockSpec((nk,), lambda b_kv, ki: (0,)),
+        *table_specs,
         pl.BlockSpec((seq_q, bk), lambda b_kv, ki: (0, ki)),  # mask columns of this k block
         pl.BlockSpec((None, group, seq_q, head_dim), lambda b_kv, ki: (b_kv, 0, 0, 0)),  # q
         pl.BlockSpec((None, bk, head_dim), lambda b_kv, ki: (b_kv, ki, 0)),  # k
@@ -345,10 +364,7 @@ def backward(
         pl.BlockSpec((None, group, seq_q), lambda b_kv, ki: (b_kv, 0, 0)),  # delta
     ]
     args = [
-        meta["dkv_full_index"],
-        meta["dkv_full_count"],
-        meta["dkv_part_index"],
-        meta["dkv_part_count"],
+        *table_args,
         meta["mask"],
         grouped(q),
         k.reshape(batch * num_kv_heads, seq_k, head_dim),
@@ -379,43 +395,13 @@ def backward(
     # dQ: grid over (batch * head, q tile).
     bq, bk = block_sizes.block_q_dq, block_sizes.block_k_dq
     nq, nk = seq_q // bq, seq_k // bk
-    kv_head = lambda bh: lax.div(bh, group)
-    batch_of = lambda bh: lax.div(bh, num_heads)
-    q_spec = pl.BlockSpec((None, bq, head_dim), lambda bh, qi: (bh, qi, 0))
-    row_spec = pl.BlockSpec((None, bq), lambda bh, qi: (bh, qi))
-    in_specs = [
-        pl.BlockSpec((None, nk), lambda bh, qi: (qi, 0)),
-        pl.BlockSpec((nq,), lambda bh, qi: (0,)),
-        pl.BlockSpec((None, nk), lambda bh, qi: (qi, 0)),
-        pl.BlockSpec((nq,), lambda bh, qi: (0,)),
-        pl.BlockSpec((bq, seq_k), lambda bh, qi: (qi, 0)),
-        q_spec,
-        pl.BlockSpec((None, seq_k, head_dim), lambda bh, qi: (kv_head(bh), 0, 0)),
-        pl.BlockSpec((None, seq_k, head_dim), lambda bh, qi: (kv_head(bh), 0, 0)),
-        q_spec,  # dO
-        row_spec,  # lse
-        row_spec,  # delta
-    ]
+    specs, args, seg_specs, seg_args = _q_row_pass_inputs(
+        meta, "dq", q, k, v, q_segment_ids, kv_segment_ids, block_q=bq, num_k_blocks=nk
+    )
+    q_spec, row_spec = specs[5], pl.BlockSpec((None, bq), lambda bh, qi: (bh, qi))
     flat = lambda x: x.reshape(batch * num_heads, *x.shape[2:])
-    args = [
-        meta["dq_full_index"],
-        meta["dq_full_count"],
-        meta["dq_part_index"],
-        meta["dq_part_count"],
-        meta["mask"],
-        flat(q),
-        k.reshape(batch * num_kv_heads, seq_k, head_dim),
-        v.reshape(batch * num_kv_heads, seq_k, head_dim),
-        flat(d_out),
-        flat(lse),
-        flat(delta),
-    ]
-    if has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda bh, qi: (batch_of(bh), qi)),
-            pl.BlockSpec((None, seq_k), lambda bh, qi: (batch_of(bh), 0)),
-        ]
-        args += [q_segment_ids, kv_segment_ids]
+    in_specs = [*specs, q_spec, row_spec, row_spec, *seg_specs]  # + dO, lse, delta
+    args = [*args, flat(d_out), flat(lse), flat(delta), *seg_args]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, sm_scale=sm_scale, block_k=bk, has_segments=has_segments),
         grid=(batch * num_heads, nq),

@@ -369,6 +369,39 @@ def _fwd_kernel(*refs, sm_scale: float, num_slots: int, has_tiles: bool, has_seg
         lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(l_safe))
 
 
+def _row_pass_maps(group: int, slots: int):
+    """Index maps of a pass over q row tiles (forward, dQ; grid ``(b, h, q tile i, slot j)`` with the four block
+    tables as scalar prefetch): ``q_map`` for blocks of the q row tile, ``kv_map`` for the k / v tile in slot j (the
+    row's j-th non-empty k tile; kv head ``h // group``)."""
+
+    def q_map(b, h, i, j, index, count, kind, mask_next):
+        return b, h, i, 0
+
+    def kv_map(b, h, i, j, index, count, kind, mask_next):
+        return b, lax.div(h, group) if group > 1 else h, index[i * slots + j], 0
+
+    return q_map, kv_map
+
+
+def _row_pass_side_inputs(q_ids, kv_ids, tiles, *, bq: int, bk: int, slots: int) -> tuple[list, list]:
+    """(BlockSpecs, arrays) of a row pass's optional inputs, in the kernels' order: the segment ids (q's as
+    ``[bq, 128]`` lanes, the slot's kv ids as ``[8, bk]`` sublanes) and the deduplicated mask tiles (the slot's tile
+    by the ``mask_next`` table). Empty lists when there are none."""
+    specs, args = [], []
+    if q_ids is not None:
+        specs += [
+            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, index, *_: (b, i, 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, index, *_: (b, 0, index[i * slots + j])),
+        ]
+        args += [_segment_layouts(q_ids, q_ids.shape[-1])[0], _segment_layouts(kv_ids, kv_ids.shape[-1])[1]]
+    if tiles is not None:
+        specs.append(
+            pl.BlockSpec((None, bq, bk), lambda b, h, i, j, index, count, kind, nxt: (nxt[i * slots + j], 0, 0))
+        )
+        args.append(tiles)
+    return specs, args
+
+
 def forward(
     q: Float[Array, "b h lq d"],
     k: Float[Array, "b hkv lk d"],
@@ -395,29 +428,15 @@ def forward(
     _check_tables(rows, seq_q, bq, "forward")
     has_segments = q_segment_ids is not None
 
-    def q_map(b, h, i, j, index, count, kind, mask_next):
-        return b, h, i, 0
-
-    def kv_map(b, h, i, j, index, count, kind, mask_next):
-        return b, lax.div(h, group) if group > 1 else h, index[i * slots + j], 0
-
+    q_map, kv_map = _row_pass_maps(group, slots)
+    side_specs, side_args = _row_pass_side_inputs(q_segment_ids, kv_segment_ids, tiles, bq=bq, bk=bk, slots=slots)
     in_specs = [
         pl.BlockSpec((None, None, bq, head_dim), q_map),
         pl.BlockSpec((None, None, bk, head_dim), kv_map),
         pl.BlockSpec((None, None, bk, head_dim), kv_map),
+        *side_specs,
     ]
-    args = [q, k, v]
-    if has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, index, *_: (b, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, index, *_: (b, 0, index[i * slots + j])),
-        ]
-        args += [_segment_layouts(q_segment_ids, seq_q)[0], _segment_layouts(kv_segment_ids, k.shape[2])[1]]
-    if tiles is not None:
-        in_specs.append(
-            pl.BlockSpec((None, bq, bk), lambda b, h, i, j, index, count, kind, nxt: (nxt[i * slots + j], 0, 0))
-        )
-        args.append(tiles)
+    args = [q, k, v, *side_args]
     kernel = functools.partial(
         _fwd_kernel, sm_scale=float(sm_scale), num_slots=slots, has_tiles=tiles is not None, has_segments=has_segments
     )
@@ -492,15 +511,9 @@ def _backward_dq(q, k, v, do, lse, delta, q_ids, kv_ids, meta, block_sizes, sm_s
     tables, tiles, rows, slots = _pass_meta(meta, "dq")
     _check_tables(rows, seq_q, bq, "dq")
 
-    def q_map(b, h, i, j, index, count, kind, mask_next):
-        return b, h, i, 0
-
-    def row_map(b, h, i, j, index, count, kind, mask_next):
-        return b, h, 0, i
-
-    def kv_map(b, h, i, j, index, count, kind, mask_next):
-        return b, lax.div(h, group) if group > 1 else h, index[i * slots + j], 0
-
+    q_map, kv_map = _row_pass_maps(group, slots)
+    row_map = lambda b, h, i, *_: (b, h, 0, i)  # lse / delta as [B, H, 1, Lq]
+    side_specs, side_args = _row_pass_side_inputs(q_ids, kv_ids, tiles, bq=bq, bk=bk, slots=slots)
     in_specs = [
         pl.BlockSpec((None, None, bq, head_dim), q_map),
         pl.BlockSpec((None, None, bk, head_dim), kv_map),
@@ -508,19 +521,9 @@ def _backward_dq(q, k, v, do, lse, delta, q_ids, kv_ids, meta, block_sizes, sm_s
         pl.BlockSpec((None, None, bq, head_dim), q_map),
         pl.BlockSpec((None, None, 1, bq), row_map),
         pl.BlockSpec((None, None, 1, bq), row_map),
+        *side_specs,
     ]
-    args = [q, k, v, do, lse[:, :, None, :], delta[:, :, None, :]]
-    if q_ids is not None:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j, index, *_: (b, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j, index, *_: (b, 0, index[i * slots + j])),
-        ]
-        args += [_segment_layouts(q_ids, seq_q)[0], _segment_layouts(kv_ids, k.shape[2])[1]]
-    if tiles is not None:
-        in_specs.append(
-            pl.BlockSpec((None, bq, bk), lambda b, h, i, j, index, count, kind, nxt: (nxt[i * slots + j], 0, 0))
-        )
-        args.append(tiles)
+    args = [q, k, v, do, lse[:, :, None, :], delta[:, :, None, :], *side_args]
     kernel = functools.partial(
         _dq_kernel,
         sm_scale=float(sm_scale),
