@@ -23,8 +23,10 @@ train: setup
 demo: setup
 	$(PY) -m jaxgen.sample --config=configs/var_tiny.py --workdir=workdir/var_tiny
 
+# Two pytest workers (pytest-xdist): CI has 2 cores and one worker leaves one mostly idle (XLA compiles on one thread).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: setup
 	$(PY) -m ruff check .

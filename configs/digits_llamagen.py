@@ -24,7 +24,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.tokenizer_checkpoint = ""
     cfg.data = digits_data_section()
     cfg.vq = dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
-    cfg.gpt = dict(num_classes=10, dim=128, n_layer=4, n_head=4, block_size=16, class_dropout_prob=0.1)
+    cfg.gpt = dict(
+        attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        num_classes=10,
+        dim=128,
+        n_layer=4,
+        n_head=4,
+        block_size=16,
+        class_dropout_prob=0.1,
+    )
     cfg.tokenizer_loss = tokenizer_loss_section(rec_loss="l1")
     cfg.train_tokenizer = train_section(steps=600, lr=2e-3, sample_every=300)
     cfg.train_generator = train_section(steps=1500, lr=1e-3, weight_decay=0.05)

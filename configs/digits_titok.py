@@ -43,7 +43,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         ema_decay=0.0,
         dead_code_threshold=0.0,
     )
-    cfg.gpt = dict(num_classes=10, dim=128, n_layer=4, n_head=4, class_dropout_prob=0.1)  # block_size = K
+    cfg.gpt = dict(
+        attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        num_classes=10,
+        dim=128,
+        n_layer=4,
+        n_head=4,
+        class_dropout_prob=0.1,
+    )  # block_size = K
     cfg.tokenizer_loss = tokenizer_loss_section(
         rec_loss="l1",
         entropy_weight=0.01,

@@ -24,6 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         num_res_blocks=2,
     )
     cfg.gpt = dict(
+        attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
         vocab_size=16384,
         num_classes=1000,
         dim=256,

@@ -11,7 +11,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.vq = dict(codebook_size=64, codebook_embed_dim=8, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2, 4),
                   num_res_blocks=2)  # fmt: skip
-    cfg.gpt = dict(vocab_size=64, num_classes=10, dim=64, n_layer=2, n_head=4, block_size=16, class_dropout_prob=0.1)
+    cfg.gpt = dict(
+        attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        vocab_size=64,
+        num_classes=10,
+        dim=64,
+        n_layer=2,
+        n_head=4,
+        block_size=16,
+        class_dropout_prob=0.1,
+    )
     cfg.sampling = dict(cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=16, top_p=1.0)
     cfg.grid = dict(classes=tuple(range(10)), per_class=4)
     cfg.checkpoint = ""

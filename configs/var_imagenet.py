@@ -30,6 +30,7 @@ def get_config(arg: str = "d16") -> ml_collections.ConfigDict:
         beta=0.25,
     )
     cfg.var = dict(
+        attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
         depth=depth,
         embed_dim=64 * depth,
         num_heads=depth,

@@ -23,6 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         beta=0.25,
     )
     cfg.var = dict(
+        attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
         depth=2,
         embed_dim=64,
         num_heads=4,
