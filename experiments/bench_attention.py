@@ -26,6 +26,7 @@ runs in interpret mode (times there say nothing about the kernel) and cuDNN is u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -39,6 +40,7 @@ from timing import device_info, emit, median_time, write_report
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pallas_kernels, when the install maps only jaxgen
 
 from jaxgen.models.attention import attention
+from pallas_kernels.block_sparse_attention import BlockSizes, block_sparse_attention
 from pallas_kernels.block_sparse_attention import mask as mask_lib
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of jax's device_kind; first match wins.
@@ -50,6 +52,12 @@ SCALE_LISTS = {
 }
 QUICK_SCALE_LISTS = {"quick14": (1, 2, 3), "quick30": (1, 2, 3, 4)}
 FWD_BWD_FLOP_FACTOR = 3.5  # forward (1) + backward (2.5)
+
+# --tune candidates. Forward: (block_q, block_k, num_warps, num_stages). Backward: the square tile of the dK/dV and dQ
+# passes, tried with the best forward choice (its num_warps / num_stages, which BlockSizes shares by all three kernels).
+TUNE_FWD = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2),
+            (128, 32, 4, 3), (64, 32, 4, 2))  # fmt: skip
+TUNE_BWD = (32, 64, 128)
 
 
 def peak_tflops(kind: str) -> float | None:
@@ -78,9 +86,20 @@ def is_causal(mask_np: np.ndarray) -> bool:
     return mask_np.shape[0] == mask_np.shape[1] and bool(np.array_equal(mask_np, np.tri(mask_np.shape[0], dtype=bool)))
 
 
-def time_backend(backend: str, mask_np, q, k, v, d_out, repeats: int) -> dict:
+def attention_fn(backend: str, mask_np, scale: float, block_sizes: BlockSizes | None = None):
+    """(q, k, v) -> out through jaxgen's attention (backend xla / cudnn / pallas), or straight through the Pallas op
+    with explicit tiles when `block_sizes` is given."""
+    if block_sizes is not None:
+        interpret = jax.default_backend() == "cpu"
+        return lambda q, k, v: block_sparse_attention(
+            q, k, v, mask_np, sm_scale=scale, block_sizes=block_sizes, interpret=interpret
+        )
+    return lambda q, k, v: attention(q, k, v, mask=mask_np, scale=scale, backend=backend)
+
+
+def time_backend(backend: str, mask_np, q, k, v, d_out, repeats: int, block_sizes: BlockSizes | None = None) -> dict:
     scale = float(q.shape[-1]) ** -0.5
-    f = lambda q, k, v: attention(q, k, v, mask=mask_np, scale=scale, backend=backend)
+    f = attention_fn(backend, mask_np, scale, block_sizes)
     fwd = jax.jit(f)
     fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(f, q, k, v)[1](g))
     t0 = time.perf_counter()
@@ -92,15 +111,60 @@ def time_backend(backend: str, mask_np, q, k, v, d_out, repeats: int) -> dict:
     return {"compile_s": round(compile_s, 3), "fwd_s": fwd_s, "fwd_bwd_s": fwd_bwd_s, "out": fwd_c(q, k, v)}
 
 
-def run_case(mask_name, list_name, mask_np, head_dim, args, peak) -> list[dict]:
+def case_inputs(length: int, head_dim: int, args) -> tuple[jax.Array, ...]:
+    """Random q, k, v and output cotangent `[B, H, L, D]` in args.dtype, B = round(args.tokens / L)."""
+    batch = max(1, round(args.tokens / length))
+    keys = jax.random.split(jax.random.key(0), 4)
+    return tuple(jax.random.normal(key, (batch, args.heads, length, head_dim), jnp.dtype(args.dtype)) for key in keys)
+
+
+def _blocks_name(bs: BlockSizes) -> str:
+    return (
+        f"q{bs.block_q}k{bs.block_k}_dkv{bs.block_q_dkv}x{bs.block_k_dkv}_dq{bs.block_q_dq}x{bs.block_k_dq}"
+        f"_w{bs.num_warps}s{bs.num_stages}"
+    )
+
+
+def _try_time(mask_np, q, k, v, d_out, repeats: int, bs: BlockSizes) -> dict:
+    """One candidate's times, or its error (a tile Triton cannot fit in shared memory fails to compile)."""
+    try:
+        timed = time_backend("pallas", mask_np, q, k, v, d_out, repeats, block_sizes=bs)
+    except Exception as e:
+        return {"blocks": _blocks_name(bs), "status": "error", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    timed.pop("out")
+    return {"blocks": _blocks_name(bs), "status": "ok", "fwd_ms": _sig(timed["fwd_s"] * 1e3),
+            "fwd_bwd_ms": _sig(timed["fwd_bwd_s"] * 1e3)}  # fmt: skip
+
+
+def tune_blocks(mask_np, q, k, v, d_out, repeats: int) -> tuple[BlockSizes, list[dict]]:
+    """The fastest forward tiles of TUNE_FWD (by forward time), then the fastest backward tiles of TUNE_BWD with them
+    (by forward + backward time) -> (best BlockSizes, every candidate's row)."""
+    trials = []
+    best_fwd, best_ms = BlockSizes(), float("inf")
+    for bq, bk, warps, stages in TUNE_FWD:
+        bs = dataclasses.replace(BlockSizes(), block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+        row = dict(_try_time(mask_np, q, k, v, d_out, repeats, bs), stage="fwd")
+        trials.append(row)
+        if row["status"] == "ok" and row["fwd_ms"] < best_ms:
+            best_fwd, best_ms = bs, row["fwd_ms"]
+    best, best_ms = best_fwd, float("inf")
+    for tile in TUNE_BWD:
+        bwd_tiles = {name: tile for name in ("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")}
+        bs = dataclasses.replace(best_fwd, **bwd_tiles)
+        row = dict(_try_time(mask_np, q, k, v, d_out, repeats, bs), stage="bwd")
+        trials.append(row)
+        if row["status"] == "ok" and row["fwd_bwd_ms"] < best_ms:
+            best, best_ms = bs, row["fwd_bwd_ms"]
+    return best, trials
+
+
+def run_case(mask_name, list_name, mask_np, head_dim, args, peak, tuned: BlockSizes | None = None) -> list[dict]:
     length = mask_np.shape[0]
     heads = args.heads
-    batch = max(1, round(args.tokens / length))
     nnz = int(mask_np.sum())
+    q, k, v, d_out = case_inputs(length, head_dim, args)
+    batch = q.shape[0]
     flops_fwd = 4.0 * batch * heads * nnz * head_dim
-    keys = jax.random.split(jax.random.key(0), 4)
-    dtype = jnp.dtype(args.dtype)
-    q, k, v, d_out = (jax.random.normal(key, (batch, heads, length, head_dim), dtype) for key in keys)
     base = {
         "mask": mask_name,
         "scales": list_name,
@@ -114,6 +178,9 @@ def run_case(mask_name, list_name, mask_np, head_dim, args, peak) -> list[dict]:
         "flops_fwd_bwd": FWD_BWD_FLOP_FACTOR * flops_fwd,
     }
     backends = ["pallas", "xla", "cudnn"] + ([] if args.no_cudnn_bias or is_causal(mask_np) else ["cudnn_bias"])
+    if tuned is not None:
+        backends.insert(1, "pallas_tuned")
+        base["tuned_blocks"] = _blocks_name(tuned)
     rows, outs = [], {}
     for name in backends:
         row = dict(base, impl=name)
@@ -123,7 +190,9 @@ def run_case(mask_name, list_name, mask_np, head_dim, args, peak) -> list[dict]:
             rows.append(row)
             continue
         try:
-            timed = time_backend("cudnn" if name == "cudnn_bias" else name, mask_np, q, k, v, d_out, args.repeats)
+            backend = {"cudnn_bias": "cudnn", "pallas_tuned": "pallas"}.get(name, name)
+            blocks = tuned if name == "pallas_tuned" else None
+            timed = time_backend(backend, mask_np, q, k, v, d_out, args.repeats, block_sizes=blocks)
         except Exception as e:  # a backend the device lacks (cuDNN on CPU, ...) or a shape it rejects
             row["status"] = "unsupported" if "runs only on an NVIDIA GPU" in str(e) else "error"
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -145,13 +214,11 @@ def run_case(mask_name, list_name, mask_np, head_dim, args, peak) -> list[dict]:
             row = next(r for r in rows if r["impl"] == name)
             row["max_abs_diff_vs_xla"] = float(jnp.abs(out.astype(jnp.float32) - ref).max())
     ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
-    if "pallas" in ok:
+    for mine in ("pallas", "pallas_tuned"):
         for other in ("xla", "cudnn", "cudnn_bias"):
-            if other in ok:
+            if mine in ok and other in ok:
                 for mode in ("fwd", "fwd_bwd"):
-                    ok["pallas"][f"{mode}_speedup_vs_{other}"] = round(
-                        ok[other][f"{mode}_ms"] / ok["pallas"][f"{mode}_ms"], 3
-                    )
+                    ok[mine][f"{mode}_speedup_vs_{other}"] = round(ok[other][f"{mode}_ms"] / ok[mine][f"{mode}_ms"], 3)
     return rows
 
 
@@ -164,6 +231,11 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=None, help="default 10 (--quick: 2)")
     p.add_argument("--no-cudnn-bias", action="store_true", help="skip cuDNN with a non-causal mask as a dense bias")
+    p.add_argument("--lists", default=None, help="comma list of scale lists (default: all of the mode's)")
+    p.add_argument("--masks", default=None, help="comma list of var_scale_causal, hmar_block_diagonal, causal")
+    p.add_argument(
+        "--tune", action="store_true", help="sweep the Pallas tiles on VAR's mask per (L, D): adds pallas_tuned"
+    )
     p.add_argument("--out", default="")
     args = p.parse_args()
     scale_lists = QUICK_SCALE_LISTS if args.quick else SCALE_LISTS
@@ -175,10 +247,30 @@ def main() -> int:
     dev = device_info()
     peak = peak_tflops(dev["kind"])
     print(f"device {dev['kind']} ({dev['platform']}), dense bf16 peak {peak} TFLOP/s", flush=True)
+    if args.lists:
+        unknown = set(args.lists.split(",")) - set(scale_lists)
+        if unknown:
+            p.error(f"--lists: unknown {sorted(unknown)}; this mode has {sorted(scale_lists)}")
+        scale_lists = {name: scale_lists[name] for name in args.lists.split(",")}
+    cases = build_masks(scale_lists)
+    if args.masks:
+        unknown = set(args.masks.split(",")) - {name for name, _, _ in cases}
+        if unknown:
+            p.error(f"--masks: unknown {sorted(unknown)}")
+        cases = [c for c in cases if c[0] in args.masks.split(",")]
     results: list[dict] = []
-    for mask_name, list_name, mask_np in build_masks(scale_lists):
+    tuning: list[dict] = []
+    tuned: dict[tuple[str, int], BlockSizes] = {}
+    for mask_name, list_name, mask_np in cases:
         for head_dim in (int(d) for d in args.head_dims.split(",")):
-            for row in run_case(mask_name, list_name, mask_np, head_dim, args, peak):
+            if args.tune and (list_name, head_dim) not in tuned:
+                patch_nums = scale_lists[list_name]
+                var_mask = np.asarray(mask_lib.scale_causal(patch_nums))
+                q, k, v, d_out = case_inputs(var_mask.shape[0], head_dim, args)
+                tuned[list_name, head_dim], trials = tune_blocks(var_mask, q, k, v, d_out, args.repeats)
+                for trial in trials:
+                    emit(tuning, dict(trial, scales=list_name, head_dim=head_dim, mask="var_scale_causal"))
+            for row in run_case(mask_name, list_name, mask_np, head_dim, args, peak, tuned.get((list_name, head_dim))):
                 emit(results, row)
     slug = re.sub(r"[^a-z0-9]+", "_", dev["kind"].lower()).strip("_")
     out = args.out or f"experiments/results/attention_{'quick_' if args.quick else ''}{slug}.json"
@@ -193,6 +285,7 @@ def main() -> int:
         settings=dict(heads=args.heads, head_dims=args.head_dims, tokens=args.tokens, repeats=args.repeats),
         flop_convention="fwd = 4 * B * H * nnz(mask) * D (unmasked work only); fwd+bwd = 3.5 x fwd (bwd = 2.5 x fwd)",
         interpret_mode=jax.default_backend() == "cpu",
+        tuning=tuning,
     )
     return 0
 
