@@ -171,8 +171,9 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
 # ---- the step's algebra -----------------------------------------------------------------------------------------
 
 
-def _var_generator_setup(batch_size=16, seed=0):
+def _var_generator_setup(batch_size=16, seed=0, attn_backend="xla"):
     cfg = _tiny_var()
+    cfg.var.attn_backend = attn_backend
     _, tok, gen = build_models(cfg)
     task = generator_task("next_scale", tok, gen)
     tok_params = tok.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -215,11 +216,13 @@ def test_gradient_accumulation_matches_one_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_sharded_step_equals_single_device_step():
+@pytest.mark.parametrize("attn_backend", ["xla", "pallas"])
+def test_sharded_step_equals_single_device_step(attn_backend):
     """A data=2 x fsdp=2 x tensor=2 step on 8 CPU devices gives the loss and params of the single-device step.
     Tolerance: 1e-5 relative / 1e-6 absolute, for float32 sums split across devices in another order; params are
-    checked to be sharded as the rules say (the fsdp rule splits 'embed' dims)."""
-    cfg, task, tok_params, batch = _var_generator_setup()
+    checked to be sharded as the rules say (the fsdp rule splits 'embed' dims). With the Pallas attention (interpret
+    mode) the kernel runs per device under shard_map inside the sharded step."""
+    cfg, task, tok_params, batch = _var_generator_setup(attn_backend=attn_backend)
     tc = cfg.train_generator
     tx, state = _init_state(task, tc)
     step = make_train_step(task.loss_fn, tx, ema_decay=0.9)
