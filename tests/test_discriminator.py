@@ -14,6 +14,7 @@ import torch
 from torch import nn as tnn
 
 from jaxgen.models.discriminators import PatchDiscriminator
+from tests.helpers import random_params
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -58,23 +59,12 @@ def copy_weights(params, net, n_layers):
     assert len(convs) == n_layers + 2
 
 
-def random_params(disc, x, seed):
-    """Params of `disc` drawn with numpy (no XLA compile of the initialisers, slow on a loaded 2-core CPU): kernels
-    N(0, 1/fan_in) so activations stay O(1) through the stack, norm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+def disc_params(disc, x, seed):
+    """Random params of `disc` (`tests.helpers.random_params`: numpy draws, kernels N(0, 1/fan_in) so activations stay
+    O(1) through the stack); the discriminator has only params, no batch_stats: a pure function of (params, x)."""
     shapes = jax.eval_shape(disc.init, jax.random.key(0), x)
-    assert set(shapes) == {"params"}  # no batch_stats: a pure function of (params, x)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        z = rng.standard_normal(leaf.shape).astype(np.float32)
-        if name.endswith("['kernel']"):
-            return jnp.asarray(z / np.sqrt(leaf.size // leaf.shape[-1]))
-        if name.endswith("['scale']"):
-            return jnp.asarray(1 + 0.1 * z)
-        return jnp.asarray(0.1 * z)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+    assert set(shapes) == {"params"}
+    return random_params(shapes["params"], seed)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +74,7 @@ def random_params(disc, x, seed):
 def test_matches_torch_forward_and_input_grad(norm, ndf, n_layers, size):
     disc = PatchDiscriminator(ndf=ndf, n_layers=n_layers, norm=norm)
     x = np.tanh(np.random.default_rng(0).standard_normal((3, size, size, 3))).astype(np.float32)
-    params = random_params(disc, x, 1)
+    params = disc_params(disc, x, 1)
     net = torch_patchgan(ndf, n_layers, norm)
     copy_weights(params, net, n_layers)
 
