@@ -13,7 +13,10 @@ from jaxgen.train.sections import (
     parallel_section,
     tokenizer_loss_section,
     train_section,
+    unknown_variant,
 )
+
+VARIANTS = ("", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -22,6 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer", "generator")
     cfg.tokenizer_checkpoint = ""
+    cfg.checkpoint = ""  # jaxgen.sample: a converted checkpoint, or this run's workdir (its generator/export)
     cfg.data = digits_data_section()
     cfg.vq = dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     cfg.gpt = dict(
@@ -43,5 +47,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "smoke":
         make_smoke(cfg)
     elif arg:
-        raise ValueError(f"configs/digits_llamagen.py: unknown variant {arg!r}; use '' or 'smoke'")
+        raise unknown_variant("configs/digits_llamagen.py", arg, VARIANTS)
     return cfg

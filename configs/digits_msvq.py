@@ -18,7 +18,10 @@ from jaxgen.train.sections import (
     parallel_section,
     tokenizer_loss_section,
     train_section,
+    unknown_variant,
 )
+
+VARIANTS = ("", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -58,5 +61,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         make_smoke(cfg)
         cfg.tokenizer_loss.disc_start = 5  # the adversarial terms run in the smoke test too
     elif arg:
-        raise ValueError(f"configs/digits_msvq.py: unknown variant {arg!r}; use '' or 'smoke'")
+        raise unknown_variant("configs/digits_msvq.py", arg, VARIANTS)
     return cfg

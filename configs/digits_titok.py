@@ -18,7 +18,10 @@ from jaxgen.train.sections import (
     parallel_section,
     tokenizer_loss_section,
     train_section,
+    unknown_variant,
 )
+
+VARIANTS = ("", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -27,6 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer", "generator")
     cfg.tokenizer_checkpoint = ""
+    cfg.checkpoint = ""  # jaxgen.sample: a converted checkpoint, or this run's workdir (its generator/export)
     cfg.data = digits_data_section()
     cfg.titok = dict(
         image_size=16,
@@ -66,5 +70,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "smoke":
         make_smoke(cfg)
     elif arg:
-        raise ValueError(f"configs/digits_titok.py: unknown variant {arg!r}; use '' or 'smoke'")
+        raise unknown_variant("configs/digits_titok.py", arg, VARIANTS)
     return cfg

@@ -16,7 +16,10 @@ from jaxgen.train.sections import (
     parallel_section,
     tokenizer_loss_section,
     train_section,
+    unknown_variant,
 )
+
+VARIANTS = ("", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -25,6 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.stages = ("tokenizer", "generator")
     cfg.tokenizer_checkpoint = ""  # used when stages has no "tokenizer"
+    cfg.checkpoint = ""  # jaxgen.sample: a converted checkpoint, or this run's workdir (its generator/export)
     cfg.data = digits_data_section()
     cfg.vae = dict(
         vocab_size=256,
@@ -62,5 +66,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "smoke":
         make_smoke(cfg)
     elif arg:
-        raise ValueError(f"configs/digits_var.py: unknown variant {arg!r}; use '' or 'smoke'")
+        raise unknown_variant("configs/digits_var.py", arg, VARIANTS)
     return cfg

@@ -8,9 +8,14 @@ temperature 1.0), which `experiments/bench_llamagen_sampling.py` also uses by de
 
 import ml_collections
 
+from jaxgen.train.sections import unknown_variant
+
+VARIANTS = ("",)  # no named variants: --config=configs/llamagen_small.py
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    if arg:
+        raise unknown_variant("configs/llamagen_small.py", arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.family = "llamagen"
     cfg.seed = 0

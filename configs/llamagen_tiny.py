@@ -3,9 +3,14 @@ seconds on a CPU: tests and demos. Random weights unless `checkpoint` points at 
 
 import ml_collections
 
+from jaxgen.train.sections import unknown_variant
+
+VARIANTS = ("",)  # no named variants: --config=configs/llamagen_tiny.py
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    if arg:
+        raise unknown_variant("configs/llamagen_tiny.py", arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.family = "llamagen"
     cfg.seed = 0

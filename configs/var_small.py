@@ -3,9 +3,14 @@ the demo sampling settings (top-k 900 of 4096) apply unchanged, and a batch of 3
 
 import ml_collections
 
+from jaxgen.train.sections import unknown_variant
+
+VARIANTS = ("",)  # no named variants: --config=configs/var_small.py
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    if arg:
+        raise unknown_variant("configs/var_small.py", arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.family = "var"
     cfg.seed = 0

@@ -3,9 +3,14 @@ and the CPU benchmark. Random weights unless `checkpoint` points at a converted 
 
 import ml_collections
 
+from jaxgen.train.sections import unknown_variant
+
+VARIANTS = ("",)  # no named variants: --config=configs/var_tiny.py
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    if arg:
+        raise unknown_variant("configs/var_tiny.py", arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.family = "var"
     cfg.seed = 0

@@ -38,7 +38,7 @@ from timing import OFFICIAL, compile_timed, emit, median_time, torch_sync, write
 from jaxgen.config_util import load_config
 from jaxgen.convert.common import count_params
 from jaxgen.families import FAMILIES, init_family_params, param_shapes
-from jaxgen.models.registry import build_llamagen
+from jaxgen.families.llamagen import build as build_llamagen
 from jaxgen.models.tokenizers.vqgan import VQGAN
 from jaxgen.sampling.next_token import NextTokenSampler, NextTokenSampling
 

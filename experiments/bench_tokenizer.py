@@ -99,7 +99,7 @@ def time_jaxgen_coding(name: str, dtype: str, batch: int, repeats: int) -> tuple
         split = lambda t: [t[:, e - p * p : e] for p, e in zip(tok.config.patch_nums, ends, strict=True)]
         decode = jax.jit(lambda p, t: tok.apply({"params": p}, split(t), method=MultiScaleVQVAE.indices_to_img))
     else:
-        decode = jax.jit(lambda p, t: tok.apply({"params": p}, t, method="decode_tokens"))
+        decode = jax.jit(lambda p, t: tok.apply({"params": p}, t, method="decode_ids"))
     ids = jnp.asarray(ids)
     t0 = time.perf_counter()
     jax.block_until_ready(decode(params, ids))

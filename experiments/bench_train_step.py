@@ -28,7 +28,7 @@ import numpy as np
 from timing import emit, median_time, write_report
 
 from jaxgen.config_util import load_config
-from jaxgen.families import FAMILIES, build_models
+from jaxgen.families import FAMILIES, build_models, example_image
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import DEFAULT_RULES
@@ -53,14 +53,13 @@ def _setup(name: str, dtype: str, batch: int) -> dict:
     cfg = load_config(spec)
     cfg.family = family
     _, tok, gen = build_models(cfg, generator_dtype=dtype)
-    task = generator_task(FAMILIES[family].objective, tok, gen)
-    seq = gen.config.seq_len if family == "var" else gen.config.block_size
+    fam = FAMILIES[family]
+    task = generator_task(fam, tok, gen)
+    seq = tok.token_layout(fam.image_size(tok, gen)).num_tokens
     frozen = None
-    if family == "var":  # the VQVAE's params feed VAR's teacher-forcing input
-        s = tok.config.image_size
-        frozen = partition.strip_boxes(
-            jax.eval_shape(lambda: tok.init(jax.random.key(0), jnp.zeros((1, s, s, 3)))["params"])
-        )
+    if family == "var":  # the VQVAE's params feed VAR's teacher-forcing input (LlamaGen's objective reads none)
+        image = example_image(fam, tok, gen)
+        frozen = partition.strip_boxes(jax.eval_shape(lambda: tok.init(jax.random.key(0), image)["params"]))
     tx = make_optimizer(ml_collections.ConfigDict(train_section(steps=1000, lr=1e-4)))
 
     def init_boxed(key_data):

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from timing import compile_timed, emit, median_time, torch_sync, write_report
 
 from jaxgen.config_util import load_config
-from jaxgen.models.registry import build_var, init_params
+from jaxgen.families.var import build as build_var
+from jaxgen.models.registry import init_params
 from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 

@@ -18,7 +18,8 @@ from jaxgen.families import FAMILIES, param_shapes
 from jaxgen.models.attention import attention, dot_product_attention
 from jaxgen.models.generators.next_scale import NextScaleConfig, next_scale_loss, scale_causal_mask
 from jaxgen.models.generators.next_token import NextTokenConfig, next_token_loss
-from jaxgen.models.registry import build_llamagen, build_var
+from jaxgen.families.llamagen import build as build_llamagen
+from jaxgen.families.var import build as build_var
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 from jaxgen.sampling.next_token import NextTokenSampler, NextTokenSampling
 from tests.helpers import random_params

@@ -8,6 +8,8 @@ that trunk with the package's shipped linear heads, and its state_dict goes thro
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import sys
 import types
@@ -19,22 +21,20 @@ import pytest
 
 from jaxgen.convert import __main__ as convert_cli
 from jaxgen.convert.common import ConversionError
-from jaxgen.convert.lpips import (
-    convert_lpips,
-    default_lin_path,
-    read_lpips_npz,
-    save_lpips_npz,
-    split_lpips_module_state,
-    vgg16_feature_indices,
-)
+from jaxgen.convert.lpips import convert_lpips, default_lin_path, split_lpips_module_state, vgg16_feature_indices
 from jaxgen.models.lpips import (
     ENV_VAR,
+    SCALE,
+    SHIFT,
     VGG16_URL,
+    LPIPSWeightsInvalid,
     LPIPSWeightsMissing,
     default_lpips_path,
     load_lpips_params,
     lpips_distance,
     lpips_param_shapes,
+    read_lpips_npz,
+    save_lpips_npz,
 )
 
 torch = pytest.importorskip("torch")
@@ -111,8 +111,20 @@ def params(state_dicts):
     return convert_lpips(*state_dicts)
 
 
+@pytest.fixture(scope="module")
+def torch_lpips64(torch_lpips):
+    """The same torch module in float64: the reference both float32 implementations are held against. Its input
+    scaling constants are set to the decimal values (the package builds them as float32 tensors, so `.double()`
+    alone would keep -0.030 rounded to float32, 3e-8 off, which moved its gradients by 1e-7 of their maximum)."""
+    net = copy.deepcopy(torch_lpips).double()
+    net.scaling_layer.shift = torch.tensor(SHIFT, dtype=torch.float64)[None, :, None, None]
+    net.scaling_layer.scale = torch.tensor(SCALE, dtype=torch.float64)[None, :, None, None]
+    return net
+
+
 def _torch_distance_and_grad(net, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The package's distances [B] and d(sum of distances)/dx [B, H, W, 3] for NHWC numpy images."""
+    """The package's distances [B] and d(sum of distances)/dx [B, H, W, 3] for NHWC numpy images (the net's dtype
+    is the inputs' dtype)."""
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     yt = torch.from_numpy(y.transpose(0, 3, 1, 2).copy())
     d = net(xt, yt).reshape(-1)
@@ -120,17 +132,26 @@ def _torch_distance_and_grad(net, x: np.ndarray, y: np.ndarray) -> tuple[np.ndar
     return d.detach().numpy(), xt.grad.numpy().transpose(0, 2, 3, 1)
 
 
-@jax.jit
-def _jax_distances_and_grads(params, x, y):
+@functools.partial(jax.jit, static_argnames="dtype")
+def _jax_distances_and_grads(params, x, y, dtype=jnp.float32):
     """Distances [B], d(sum of distances)/dx (image i's distance depends on x[i] only, so that is per image) and
     the gradient with respect to the params (should be all zeros: lpips_distance treats them as frozen)."""
 
     def total(params, x):
-        d = lpips_distance(params, x, y)
+        d = lpips_distance(params, x, y, dtype=dtype)
         return d.sum(), d
 
     (_, d), (g_params, g) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(params, x)
     return d, g, g_params
+
+
+def _jax_float64(params, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """jaxgen's LPIPS computed entirely in float64 (jax x64 on for this call only): distances [B] and input grads."""
+    with jax.enable_x64(True):
+        x64, y64 = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
+        d, g, _ = _jax_distances_and_grads(params, x64, y64, dtype=jnp.float64)
+        assert d.dtype == g.dtype == jnp.float64
+        return np.asarray(d), np.asarray(g)
 
 
 def _images(shape, seed):
@@ -142,28 +163,62 @@ def _images(shape, seed):
     return x, y
 
 
-# Tolerances. Both sides are float32 end to end (tests/conftest.py sets "highest" matmul precision, so XLA:CPU's
-# convs are true float32); they differ only in summation order inside 13 convs, ~1e-7 relative rounding per op that
-# grows through the depth. The distance is a sum of non-negative terms (squared differences times non-negative
-# heads), so nothing cancels: rtol 1e-4 leaves >100x headroom over the measured <= 7e-7. Input gradients sum terms of
-# both signs, so one pixel's gradient can be a small difference of large terms: they are compared with an atol of
-# 1e-4 of the largest gradient entry (measured max |diff| / max |grad| <= 5e-6) plus rtol 1e-3.
-DIST_RTOL = 1e-4
-GRAD_RTOL, GRAD_ATOL_FRAC = 1e-3, 1e-4
+# Tolerances, from 68 float32-vs-float64 comparisons measured on an AVX-512 Xeon (jaxgen and torch, 17 seeds each of
+# 32x32 and 64x48, gradients of the two non-identical pairs; tests/conftest.py sets "highest" matmul precision):
+# * jaxgen float64 vs torch float64: distances <= 1.4e-15 relative, input gradients <= 1.3e-14 of the largest
+#   gradient. Asserted at 1e-12 / 1e-11 (~1000x margin): this is the check of the port itself (layout, constants,
+#   pooling, normalisation, heads), with no float32 rounding in the way.
+# * float32 (either implementation) vs torch float64. The random inputs put some ReLU / max-pool decisions within
+#   float32 rounding of their kink, and a flipped gate reroutes the gradient through a whole receptive field: in 3
+#   of the 68 comparisons one flip moved up to 3.8e-3 of the largest gradient (an AVX2-only EPYC saw 3.3e-3 and
+#   8.4e-4 on seeds 48 and 32, which flip nothing here), touching up to 3.4% of the entries by more than 1e-4 of it,
+#   with a relative L2 error <= 7.8e-4. Without a flip: <= 6.3e-6 of the largest gradient and relative L2 <= 4.4e-6.
+#   Distances: <= 6.8e-7 relative (a sum of non-negative terms; a flip is a second-order change to it). Asserted:
+#   distances rtol 1e-5 (15x), relative L2 <= 1e-2 (13x), no entry beyond 2e-2 of the largest gradient (5x), and
+#   >= 90% of the entries within 1e-4 of it (3x on the share outside). A per-entry allclose cannot survive a flip. For
+#   scale: bfloat16 convs give distances 1.4e-3 off, relative L2 0.15 and only 0.3% of the entries within 1e-4; a
+#   0.458 -> 0.468 typo in one input scale gives relative L2 0.18 (and fails the float64 check by 10 orders).
+F64_DIST_RTOL, F64_GRAD_ATOL_FRAC = 1e-12, 1e-11
+F32_DIST_RTOL, F32_GRAD_REL_L2, F32_GRAD_MAX_FRAC = 1e-5, 1e-2, 2e-2
+F32_GRAD_TIGHT_FRAC, F32_GRAD_MIN_SHARE_TIGHT = 1e-4, 0.9
 
 
-@pytest.mark.parametrize("hw", [(32, 32), (64, 48)], ids=["32x32", "64x48"])
-def test_matches_lpips_package(torch_lpips, params, hw):
-    x, y = _images((*hw, 3), seed=hw[1])
-    d_ref, g_ref = _torch_distance_and_grad(torch_lpips, x, y)
+def _assert_float32_near_float64(name, d, g, d_ref, g_ref):
+    """Kink-tolerant closeness of a float32 result (distances [2], input grads [2, H, W, 3]) to the float64 one."""
+    np.testing.assert_allclose(d, d_ref, rtol=F32_DIST_RTOL, atol=0, err_msg=name)
+    err, scale = np.abs(g - g_ref), np.abs(g_ref).max()
+    rel_l2 = float(np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref))
+    share_tight = float(np.mean(err <= F32_GRAD_TIGHT_FRAC * scale))
+    assert rel_l2 <= F32_GRAD_REL_L2, f"{name}: relative L2 error {rel_l2:.3g}"
+    assert err.max() <= F32_GRAD_MAX_FRAC * scale, f"{name}: max error {err.max() / scale:.3g} of the largest grad"
+    assert share_tight >= F32_GRAD_MIN_SHARE_TIGHT, f"{name}: only {share_tight:.1%} of the entries within 1e-4"
+
+
+@pytest.mark.parametrize(
+    ("hw", "seed"),
+    [((32, 32), 32), ((64, 48), 48), ((64, 48), 101)],
+    # "kink": on the Xeon where the margins were measured, jaxgen's float32 gradient flips a gate for this seed (3.8e-3
+    # of the largest gradient; torch's flips at 32x32 seed 111); on other CPUs other seeds flip, this one may not
+    ids=["32x32", "64x48", "64x48-kink"],
+)
+def test_matches_lpips_package(torch_lpips, torch_lpips64, params, hw, seed):
+    x, y = _images((*hw, 3), seed=seed)
+    d64, g64 = _torch_distance_and_grad(torch_lpips64, x.astype(np.float64), y.astype(np.float64))
+    d_t, g_t = _torch_distance_and_grad(torch_lpips, x, y)
     d, g, g_params = jax.tree.map(np.asarray, _jax_distances_and_grads(params, jnp.asarray(x), jnp.asarray(y)))
-    assert d.shape == (3,) and d.dtype == np.float32 and g.shape == x.shape
-    assert np.all(d_ref[:2] > 0.01)
-    np.testing.assert_allclose(d[:2], d_ref[:2], rtol=DIST_RTOL, atol=0)
-    np.testing.assert_allclose(g, g_ref, rtol=GRAD_RTOL, atol=GRAD_ATOL_FRAC * np.abs(g_ref).max())
+    d_j64, g_j64 = _jax_float64(params, x, y)
+    assert d.shape == (3,) and d.dtype == np.float32 and g.shape == x.shape and g.dtype == np.float32
+    assert np.all(d64[:2] > 0.01) and np.mean(g64[:2] != 0) > 0.9  # real distances and gradients are compared
+    # The port, in float64 on both sides.
+    np.testing.assert_allclose(d_j64[:2], d64[:2], rtol=F64_DIST_RTOL, atol=0)
+    np.testing.assert_allclose(g_j64[:2], g64[:2], rtol=0, atol=F64_GRAD_ATOL_FRAC * np.abs(g64[:2]).max())
+    # float32 jaxgen, and the package's own float32 run (the yardstick for what float32 can do), vs float64.
+    _assert_float32_near_float64("jaxgen float32", d[:2], g[:2], d64[:2], g64[:2])
+    _assert_float32_near_float64("lpips float32", d_t[:2], g_t[:2], d64[:2], g64[:2])
     # Identical images: distance 0 up to rounding (x and y sit at different batch rows of one conv call) and a
     # finite gradient (no NaN from the 0/0 of an all-zero feature pixel: ReLU's gradient masks it).
     assert 0 <= d[2] < 1e-10 and np.all(np.isfinite(g)) and np.abs(g[2]).max() < 1e-6 * np.abs(g[:2]).max()
+    assert 0 <= d_j64[2] < 1e-20 and np.abs(g_j64[2]).max() < 1e-12 * np.abs(g_j64[:2]).max()
     assert all(not np.any(a) for a in jax.tree.leaves(g_params))  # the params are frozen
 
 
@@ -228,7 +283,7 @@ def test_cli_npz_round_trip(tmp_path, monkeypatch, state_dicts, params):
     # A file that is not a complete LPIPS weight file is refused by name.
     broken = dict(read_lpips_npz(out))
     del broken["lin3"]
-    with pytest.raises(ConversionError, match="lin3/kernel"):
+    with pytest.raises(LPIPSWeightsInvalid, match="lin3/kernel"):
         read_lpips_npz(save_lpips_npz(broken, tmp_path / "broken.npz"))
     # A missing input checkpoint: exit status 2, no traceback.
     assert convert_cli.main(["lpips", "--vgg16", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2

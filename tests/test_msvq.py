@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.models.registry import config_from_dict
+from jaxgen.families.base import config_from_dict
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 from jaxgen.models.tokenizers.quantizers import phi_schedule
 from tests.helpers import tiny_var

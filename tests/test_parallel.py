@@ -3,6 +3,7 @@ unsharded init), sharded forwards equal to single-device ones, train-state shard
 and the fallback for mesh axes that do not divide a dimension. 8 fake CPU devices (conftest)."""
 
 import functools
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -14,11 +15,11 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgen.config_util import load_config
-from jaxgen.families import family_of, param_shapes
-from jaxgen.models.layers import keep_logical_boxes, logical
+from jaxgen.families import example_image, family_of, param_shapes
 from jaxgen.models.registry import init_params
 from jaxgen.models.tokenizers.convnets import conv
 from jaxgen.parallel import mesh as mesh_lib
+from jaxgen.parallel.logical import keep_logical_boxes, logical
 from jaxgen.parallel.partition import (
     abstract_boxed,
     abstract_boxed_params,
@@ -33,6 +34,7 @@ from jaxgen.parallel.partition import (
 from jaxgen.parallel.rules import DEFAULT_RULES, rules_from_config, rules_to_config
 from tests.helpers import random_params
 
+REPO = Path(__file__).resolve().parents[1]
 RULES = DEFAULT_RULES
 is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
 
@@ -40,10 +42,10 @@ is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
 @functools.cache
 def _family(name):
     """(family, tokenizer, generator, tokenizer init args, generator init args) of configs/{name}.py."""
-    cfg = load_config(f"configs/{name}.py")
+    cfg = load_config(str(REPO / f"configs/{name}.py"))
     fam = family_of(cfg)
-    tok, gen = fam.build(cfg[fam.tokenizer], cfg[fam.generator])
-    return (fam, tok, gen, *fam.init_inputs(tok, gen))
+    tok, gen = fam.build(cfg[fam.tokenizer_key], cfg[fam.generator_key])
+    return fam, tok, gen, (example_image(fam, tok, gen),), fam.generator_inputs(gen)
 
 
 @functools.cache
@@ -128,7 +130,7 @@ def test_every_param_is_boxed_with_known_names(name):
     fam, tok, gen, tok_in, gen_in = _family(name)
     known = {n for n, _ in RULES}
     plain = param_shapes(fam, tok, gen)
-    for key, module, args in ((fam.tokenizer, tok, tok_in), (fam.generator, gen, gen_in)):
+    for key, module, args in ((fam.tokenizer_key, tok, tok_in), (fam.generator_key, gen, gen_in)):
         boxed = abstract_boxed_params(module, jax.random.key(0), *args)
         leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box)
         assert len(leaves) == len(jax.tree.leaves(plain[key]))
@@ -309,7 +311,7 @@ FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
 def test_sharded_forward_equals_single_device(name):
     fam, tok, gen, _, gen_in = _family(name)
     mesh = _mesh222()
-    params = random_params(param_shapes(fam, tok, gen)[fam.generator], seed=1)
+    params = random_params(param_shapes(fam, tok, gen)[fam.generator_key], seed=1)
     rng = np.random.default_rng(0)
     b = 8
     labels = rng.integers(0, 10, (b,)).astype(np.int32)

@@ -23,6 +23,7 @@ from jaxgen.families import build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
+from jaxgen.sample import init_or_load, sampling_key
 from jaxgen.train.generator_task import generator_task
 from jaxgen.train.loop import TrainingError, train_and_evaluate
 from jaxgen.train.optim import make_optimizer
@@ -54,28 +55,58 @@ def _run_main(args, log: Path | None = None):
     )
 
 
+def _run_sample(args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "jaxgen.sample", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 @pytest.mark.parametrize("name", ["digits_var", "digits_llamagen"])
-def test_smoke_binary_writes_checkpoint_grid_metrics_report(tmp_path, name):
+def test_smoke_binary_trains_and_its_workdir_samples(tmp_path, name):
     """The smoke variants through the real binary: checkpoints, PNGs, metrics.jsonl with step + metric names,
-    TensorBoard events and a report with the class-fidelity figure."""
-    proc = _run_main([f"--config=configs/{name}.py:smoke", f"--workdir={tmp_path}"])
+    TensorBoard events, a report and the generator export; then `jaxgen.sample` in another process, with the same
+    config and `--config.checkpoint=<workdir>`, draws the same tokens as the in-process sampler with the same key."""
+    workdir = tmp_path / "run"
+    proc = _run_main([f"--config=configs/{name}.py:smoke", f"--workdir={workdir}"])
     err, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert 0.0 <= report["generator"]["class_fidelity"] <= 1.0
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["generator"]["num_samples"] == 20 and report["generator"]["num_nonfinite"] == 0
     assert report["generator"]["classifier_accuracy_real"] > 0.85
     assert "psnr" in report["tokenizer"]
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {"tokenizer", "tokenizer_eval", "generator"} == {x["stage"] for x in lines}
     assert all("step" in x and "loss" in x for x in lines if x["stage"] != "tokenizer_eval")
     assert [set(x) >= {"psnr", "ssim", "codebook_usage"} for x in lines if x["stage"] == "tokenizer_eval"] == [True]
     assert any("psnr" in x and "codebook_usage" in x for x in lines if x["stage"] == "tokenizer")
     for stage in ("tokenizer", "generator"):
-        assert ocp.CheckpointManager(tmp_path / stage / "checkpoints").latest_step() == 10
-        assert list((tmp_path / stage / "samples").glob("*.png"))
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "final_samples.png").is_file()
+        assert ocp.CheckpointManager(workdir / stage / "checkpoints").latest_step() == 10
+        assert list((workdir / stage / "samples").glob("*.png"))
+        assert (workdir / stage / "export" / "config.json").is_file()
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "final_samples.png").is_file()
     assert "parameters:" in err and "total:" in err and "steps/s" in err
+
+    out = tmp_path / "samples"
+    res = _run_sample([f"--config=configs/{name}.py:smoke", f"--config.checkpoint={workdir}", f"--workdir={out}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "grid.png").is_file()
+    cfg = load_config(str(REPO / f"configs/{name}.py:smoke"))
+    cfg.checkpoint = str(workdir)
+    family, tokenizer, generator, params = init_or_load(cfg)
+    labels = np.repeat(np.asarray(cfg.grid.classes, np.int32), cfg.grid.per_class)
+    sampler = family.sampler(generator, tokenizer, cfg.sampling.to_dict())
+    ours = sampler(params[family.generator_key], params[family.tokenizer_key], labels, sampling_key(cfg))
+    with np.load(out / "samples.npz") as f:
+        np.testing.assert_array_equal(f["labels"], labels)
+        np.testing.assert_array_equal(f["tokens"], np.asarray(ours.token_arrays()["tokens"]))
+    # the export holds the EMA params of the final step, not the raw ones
+    _, final = _final_params(workdir, "generator")
+    ema = final["ema_params"]
+    exported = params[family.generator_key]
+    for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(exported), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _final_params(workdir: Path, stage: str):
@@ -162,7 +193,7 @@ def test_misspelled_override_is_named():
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
-    cfg = _tiny_var(source=f"folder:{tmp_path / 'nope'}")
+    cfg = _tiny_var(source=dict(kind="folder", path=str(tmp_path / "nope")))
     with pytest.raises((ValueError, FileNotFoundError), match="nope"):
         train_and_evaluate(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -174,8 +205,8 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
 def _var_generator_setup(batch_size=16, seed=0, attn_backend="xla"):
     cfg = _tiny_var()
     cfg.var.attn_backend = attn_backend
-    _, tok, gen = build_models(cfg)
-    task = generator_task("next_scale", tok, gen)
+    family, tok, gen = build_models(cfg)
+    task = generator_task(family, tok, gen)
     tok_params = tok.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
     tok_params = nn.unbox(tok_params)
     rng = np.random.default_rng(seed)
@@ -199,8 +230,8 @@ def test_gradient_accumulation_matches_one_big_batch():
     only by float32 summation order (tolerance 1e-5 relative on params after 2 steps)."""
     cfg, task, tok_params, batch = _var_generator_setup()
     cfg.var.cond_drop_rate = 0.0
-    _, tok, gen = build_models(cfg)
-    task = generator_task("next_scale", tok, gen)
+    family, tok, gen = build_models(cfg)
+    task = generator_task(family, tok, gen)
     tc = cfg.train_generator
     tx, state = _init_state(task, tc)
     outs = []

@@ -19,13 +19,13 @@ from jaxgen.convert.var import (
     var_param_shapes,
     vqvae_param_shapes,
 )
-from jaxgen.models.registry import build_var
+from jaxgen.families.var import build as build_var
+from jaxgen.pretrained import load_pretrained
 from jaxgen.sample import sample_grid
-from jaxgen.train.checkpoint import load_pretrained
 from tests.helpers import VAR_FIXTURE_A, VAR_FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not VAR_FIXTURE_A.exists(), reason=f"fixtures missing: {VAR_FIXTURES}")
+pytestmark = pytest.mark.needs_fixture(VAR_FIXTURE_A)  # skipped if absent; in CI (.ci/run) a failure
 
 
 def _released(name):
@@ -36,7 +36,7 @@ def _released(name):
 @pytest.mark.parametrize("variant", ["d16", "d20", "d24", "d30", "d36"])
 def test_released_var_keys_map_onto_the_config(variant):
     meta, shapes = _released(f"released_var_{variant}_keys.json")
-    cfg = load_config(f"configs/var_imagenet.py:{variant}")
+    cfg = load_config(f"{REPO / 'configs/var_imagenet.py'}:{variant}")
     _, var = build_var(cfg.vae, cfg.var)
     steps = plan_var(shapes, var.config)
     buffers = set(meta["buffers"])
@@ -57,7 +57,7 @@ def test_released_var_keys_map_onto_the_config(variant):
 
 def test_released_vqvae_keys_map_onto_the_config():
     meta, shapes = _released("released_vqvae_ch160v4096z32_keys.json")
-    cfg = load_config("configs/var_imagenet.py:d16")
+    cfg = load_config(str(REPO / "configs/var_imagenet.py:d16"))
     vae, _ = build_var(cfg.vae, cfg.var)
     steps = plan_vqvae(shapes, vae.config)
     assert {s.key for s in steps} == set(shapes) - set(meta["buffers"])
@@ -69,7 +69,7 @@ def test_released_vqvae_keys_map_onto_the_config():
 
 
 def test_d36_keys_with_the_512px_vqvae():
-    cfg = load_config("configs/var_imagenet.py:d36")
+    cfg = load_config(str(REPO / "configs/var_imagenet.py:d36"))
     vae, var = build_var(cfg.vae, cfg.var)
     assert vae.config.image_size == 512 and var.config.seq_len == 2240
     _, shapes = _released("released_vqvae_ch160v4096z32_keys.json")
@@ -107,7 +107,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(fixture_state, configs)
 
 def test_checkpoint_of_another_depth_says_which(configs):
     _, shapes = _released("released_var_d20_keys.json")
-    cfg = load_config("configs/var_imagenet.py:d16")
+    cfg = load_config(str(REPO / "configs/var_imagenet.py:d16"))
     _, var = build_var(cfg.vae, cfg.var)
     with pytest.raises(ConversionError, match=r"VAR-d20 .* configs/var_imagenet.py:d20"):
         plan_var(shapes, var.config)
@@ -176,7 +176,7 @@ def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path, fixture_stat
 
 
 def test_loading_a_checkpoint_into_another_depth_is_a_clear_error(tmp_path, fixture_state, configs):
-    from jaxgen.train.checkpoint import save_pretrained
+    from jaxgen.pretrained import save_pretrained
 
     _, var_sd = fixture_state
     _, var_cfg = configs

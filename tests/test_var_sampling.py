@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
-from jaxgen.sampling.cfg import guide, var_ramp
+from jaxgen.sampling.guidance import guide, linear_ramp
 from jaxgen.sampling.filters import top_k_filter, top_p_filter
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 from tests.helpers import tiny_var
@@ -47,7 +47,7 @@ def test_greedy_sampling_takes_the_argmax_of_the_guided_logits():
     out = sampler(var_params, vae_params, labels, jax.random.key(0))
     full = _teacher_forced_logits(vae, var, vae_params, var_params, labels, out.indices)
     for si, (b, e) in enumerate(var.config.scale_bounds):
-        t = var_ramp(cfg, si, len(var.config.patch_nums))
+        t = linear_ramp(cfg, si, len(var.config.patch_nums))
         guided = guide(full[:3, b:e], full[3:, b:e], t)
         np.testing.assert_array_equal(out.indices[si], jnp.argmax(guided, axis=-1))
     assert out.images.shape == (3, 8, 8, 3) and 0.0 <= out.images.min() and out.images.max() <= 1.0
@@ -118,6 +118,6 @@ def test_top_k_top_p_match_the_reference_semantics(k, p):
     assert np.isfinite(ours).any(axis=-1).all()  # at least one token always survives
 
 
-def test_var_ramp_and_guide():
-    assert var_ramp(1.5, 0, 4) == 0.0 and var_ramp(1.5, 3, 4) == 1.5 and var_ramp(1.5, 1, 4) == 0.5
+def test_linear_ramp_and_guide():
+    assert linear_ramp(1.5, 0, 4) == 0.0 and linear_ramp(1.5, 3, 4) == 1.5 and linear_ramp(1.5, 1, 4) == 0.5
     np.testing.assert_allclose(guide(jnp.array([2.0]), jnp.array([1.0]), 0.5), [2.5])

@@ -44,6 +44,11 @@ class Step:
     shape: tuple[int, ...]  # the Flax shape
 
 
+def nchw(x) -> np.ndarray:
+    """NHWC -> NCHW (PyTorch's layout), as numpy."""
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
 # ---- loading --------------------------------------------------------------------------------------------------------
 def unwrap_state_dict(obj: Any, wrappers: Iterable[str] = WRAPPER_KEYS) -> dict[str, Any]:
     """Strip the wrapper dicts training scripts save around a state_dict (`{'model': sd}`, ...)."""

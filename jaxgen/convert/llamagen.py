@@ -13,17 +13,21 @@ is ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.common import ConversionError, KeyMap, apply_plan, plan_conversion
+from jaxgen.convert.common import ConversionError, KeyMap, apply_plan, load_state_dict, nchw, plan_conversion
 from jaxgen.models.generators.next_token import NextTokenConfig, NextTokenTransformer
+from jaxgen.models.layers import rope_2d_table, token_cross_entropy
 from jaxgen.models.tokenizers.vqgan import VQGAN, VQConfig
+from jaxgen.sampling.next_token import NextTokenSampler, NextTokenSampling
 
 # ==== GPT ===========================================================================================================
 GPT_KEYMAP = KeyMap(
@@ -247,3 +251,61 @@ def infer_vq_config(shapes: Mapping[str, tuple], **overrides) -> VQConfig:
 def _count(shapes, pattern: str) -> int:
     ids = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
     return max(ids) + 1 if ids else 0
+
+
+# ---- the golden check (`python -m jaxgen.convert.verify --family llamagen`) ----------------------------------
+def llamagen_configs_from_fixture(meta: dict) -> tuple[VQConfig, NextTokenConfig]:
+    """Build both configs from a LlamaGen fixture's JSON (upstream ModelArgs plus the constructor extras)."""
+    vq_args, extra, gpt_args = meta["vq_model_args"], meta.get("vq_extra", {}), meta["gpt_model_args"]
+    vq_cfg = VQConfig(
+        codebook_size=vq_args["codebook_size"], codebook_embed_dim=vq_args["codebook_embed_dim"],
+        z_channels=vq_args["z_channels"], ch=extra.get("ch", 128), ch_mult=tuple(vq_args["encoder_ch_mult"]),
+        decoder_ch_mult=tuple(vq_args["decoder_ch_mult"]), num_res_blocks=extra.get("num_res_blocks", 2),
+        l2_norm=vq_args.get("codebook_l2_norm", True), beta=vq_args.get("commit_loss_beta", 0.25),
+    )  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(NextTokenConfig)}
+    gpt_cfg = NextTokenConfig(**{k: v for k, v in gpt_args.items() if k in fields})
+    return vq_cfg, gpt_cfg
+
+
+def run_llamagen_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
+    """All of a LlamaGen fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
+    vq_cfg, gpt_cfg = llamagen_configs_from_fixture(meta)
+    vq, gpt = VQGAN(vq_cfg), NextTokenTransformer(gpt_cfg)
+    vq_params = convert_vq(load_state_dict(npz_path, "vq/"), vq_cfg)
+    gpt_params = convert_gpt(load_state_dict(npz_path, "gpt/"), gpt_cfg)
+    vq_p, gpt_p = {"params": vq_params}, {"params": gpt_params}
+    inputs = load_state_dict(npz_path, "in/")
+    img = jnp.asarray(np.transpose(inputs["images"], (0, 2, 3, 1)))
+    out: dict[str, np.ndarray] = {}
+
+    out["vq_encoder_out"] = nchw(vq.apply(vq_p, img, method=lambda m, x: m.encoder(x)))
+    out["vq_pre_quant"] = nchw(vq.apply(vq_p, img, method=VQGAN.pre_quant))
+    quant, idx = vq.apply(vq_p, img, method=VQGAN.encode)
+    out["vq_quant"] = nchw(quant)
+    out["vq_indices"] = np.asarray(idx, np.int64)
+    out["vq_recon"] = nchw(vq.apply(vq_p, quant, method=VQGAN.decode))
+    out["vq_recon_from_codes"] = nchw(vq.apply(vq_p, idx, tuple(quant.shape[1:3]), method=VQGAN.decode_code))
+
+    tokens = jnp.asarray(inputs["gpt_tokens"], jnp.int32)
+    logits = gpt.apply(gpt_p, jnp.asarray(inputs["gpt_labels"], jnp.int32), tokens[:, :-1])
+    out["gpt_logits"] = np.asarray(logits)
+    out["gpt_loss"] = np.asarray(token_cross_entropy(logits, tokens))
+
+    s = meta["sampling"]
+    gen_labels = jnp.asarray(inputs["gen_labels"], jnp.int32)
+    for name, cfg_scale in (("cfg", s["cfg_scale"]), ("nocfg", 1.0)):
+        settings = NextTokenSampling(
+            cfg_scale=cfg_scale,
+            cfg_interval=s.get("cfg_interval", -1),
+            temperature=s.get("temperature", 1.0),
+            top_k=s.get("top_k", 0),
+            top_p=s.get("top_p", 1.0),
+            return_logits=True,
+        )
+        sample = NextTokenSampler(gpt, vq, settings)(gpt_params, vq_params, gen_labels, jax.random.key(0))
+        out[f"gen_{name}_indices"] = np.asarray(sample.tokens, np.int32)
+        out[f"gen_{name}_step_logits"] = np.asarray(sample.step_logits)
+        out[f"gen_{name}_images"] = nchw(sample.decoded)
+    out["gpt_freqs_cis"] = rope_2d_table(gpt_cfg.grid_size, gpt_cfg.head_dim, gpt_cfg.rope_base, gpt_cfg.cls_token_num)
+    return out

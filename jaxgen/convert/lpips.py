@@ -9,23 +9,21 @@ Key mapping (PyTorch -> `jaxgen.models.lpips.LPIPS` params; conv weights `[O, I,
     lin{0..4}.model.1.weight  [1, C, 1, 1]                               -> lin{0..4}/kernel  [1, 1, C, 1]
 
 `classifier.*` (VGG16's fully connected head) is ignored. The `.npz` holds the flattened tree, keys "vgg/conv1_1/kernel"
-etc., float32.
+etc., float32; its reader and writer (`read_lpips_npz`, `save_lpips_npz`) live with the model in `jaxgen.models.lpips`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
 
-from jaxgen.convert.common import ConversionError, KeyMap, convert, load_state_dict
-from jaxgen.models.lpips import VGG16_STAGES, VGG16_URL, default_lpips_path, lpips_param_shapes
+from jaxgen.convert.common import KeyMap, convert, load_state_dict
+from jaxgen.models.lpips import VGG16_STAGES, VGG16_URL, default_lpips_path, lpips_param_shapes, save_lpips_npz
 
 
 def vgg16_feature_indices() -> dict[int, str]:
@@ -97,38 +95,6 @@ def split_lpips_module_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, A
         elif not key.startswith(("scaling_layer.", "lins.")):  # `lins.k` is the ModuleList alias of `lin{k}`
             vgg[key] = value  # left for convert_lpips to report as unexpected
     return vgg, lin
-
-
-def save_lpips_npz(params: Mapping[str, Any], path: str | Path) -> Path:
-    """Write the param tree to one `.npz` (keys "vgg/conv1_1/kernel", ..., float32); atomic; returns the path."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **flat)
-    os.replace(tmp, path)
-    return path
-
-
-def read_lpips_npz(path: str | Path) -> dict[str, Any]:
-    """Read a file written by `save_lpips_npz` back into the param tree (numpy float32), checking keys and shapes."""
-    with np.load(Path(path)) as f:
-        flat = {tuple(k.split("/")): np.asarray(f[k], np.float32) for k in f.files}
-    expected = traverse_util.flatten_dict(lpips_param_shapes())
-    missing = ["/".join(k) + f" {tuple(v.shape)}" for k, v in expected.items() if k not in flat]
-    unexpected = ["/".join(k) for k in flat if k not in expected]
-    misshaped = [
-        f"{'/'.join(k)} {flat[k].shape} expects {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in flat and flat[k].shape != tuple(v.shape)
-    ]
-    if missing or unexpected or misshaped:
-        raise ConversionError(
-            f"{path} is not an LPIPS weight file from `python -m jaxgen.convert lpips`: missing {missing}, "
-            f"unexpected {unexpected}, mis-shaped {misshaped}; convert it again"
-        )
-    return traverse_util.unflatten_dict(flat)
 
 
 def convert_lpips_files(vgg16: str | Path, lin: str | Path | None = None, out: str | Path | None = None) -> Path:

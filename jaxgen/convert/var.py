@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.common import ConversionError, KeyMap, apply_plan, plan_conversion
+from jaxgen.convert.common import ConversionError, KeyMap, apply_plan, load_state_dict, nchw, plan_conversion
 from jaxgen.models.generators.next_scale import NextScaleConfig, NextScaleTransformer, level_ids
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
+from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 
 VQVAE_KEYMAP = KeyMap(
     renames=(
@@ -149,3 +151,98 @@ def convert_var(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -
 def convert_vqvae(state_dict: Mapping[str, np.ndarray], config: MSVQConfig) -> dict:
     """VQVAE state_dict (numpy, PyTorch names) -> jaxgen `params` of `MultiScaleVQVAE(config)`."""
     return apply_plan(plan_vqvae({k: v.shape for k, v in state_dict.items()}, config), state_dict)
+
+
+# ---- the golden check (`python -m jaxgen.convert.verify --family var`) ---------------------------------------
+_VAE_CTOR_FIELDS = (
+    "vocab_size",
+    "z_channels",
+    "ch",
+    "quant_conv_ks",
+    "quant_resi",
+    "share_quant_resi",
+    "default_qresi_counts",
+    "using_znorm",
+    "beta",
+)
+_VAR_CTOR_FIELDS = (
+    "num_classes",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "mlp_ratio",
+    "norm_eps",
+    "shared_aln",
+    "attn_l2_norm",
+    "patch_nums",
+    "cond_drop_rate",
+    "drop_path_rate",
+)
+
+
+def var_configs_from_fixture(meta: dict) -> tuple[MSVQConfig, NextScaleConfig]:
+    """Build both configs from a VAR fixture's JSON (constructor arguments of the official classes)."""
+    vae_ctor, var_ctor, top = meta["vae_ctor"], meta["var_ctor"], meta.get("config", {})
+    vae_kw = {k: vae_ctor[k] for k in _VAE_CTOR_FIELDS if k in vae_ctor}
+    vae_kw["patch_nums"] = tuple(vae_ctor.get("v_patch_nums") or top["patch_nums"])
+    for k in ("ch_mult", "num_res_blocks"):  # fixed in the official VQVAE class; the fixture JSON records them
+        if k in top:
+            vae_kw[k] = tuple(top[k]) if k == "ch_mult" else top[k]
+    vae_cfg = MSVQConfig(**vae_kw)
+    var_kw = {k: var_ctor[k] for k in _VAR_CTOR_FIELDS if k in var_ctor}
+    var_kw.update(vocab_size=vae_cfg.vocab_size, z_channels=vae_cfg.z_channels)
+    return vae_cfg, NextScaleConfig(**var_kw)
+
+
+def run_var_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
+    """All of a VAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
+    vae_cfg, var_cfg = var_configs_from_fixture(meta)
+    vae, var = MultiScaleVQVAE(vae_cfg), NextScaleTransformer(var_cfg)
+    vae_p = {"params": convert_vqvae(load_state_dict(npz_path, "vae/"), vae_cfg)}
+    var_p = {"params": convert_var(load_state_dict(npz_path, "var/"), var_cfg)}
+    inputs = load_state_dict(npz_path, "in/")
+    img = jnp.asarray(np.transpose(inputs["img"], (0, 2, 3, 1)))
+    labels = jnp.asarray(inputs["labels"], jnp.int32)
+    gen_labels = jnp.asarray(inputs["gen_labels"], jnp.int32)
+    out: dict[str, np.ndarray] = {}
+
+    # Tokenizer: encode, quantize, rebuild.
+    out["vae_enc"] = nchw(vae.apply(vae_p, img, method=lambda m, x: m.encoder(x)))
+    f = vae.apply(vae_p, img, method=MultiScaleVQVAE.encode)
+    out["vae_f"] = nchw(f)
+    idx, f_hats = vae.apply(vae_p, f, method=lambda m, x: m.quantize.quantize(x))
+    for k, i in enumerate(idx):
+        out[f"vae_idx_s{k}"] = np.asarray(i, np.int64)
+    out["vae_fhat_cum"] = np.stack([nchw(fh) for fh in f_hats])
+    f_hat = vae.apply(vae_p, idx, method=lambda m, i: m.quantize.indices_to_fhat(i))
+    out["vae_fhat"] = nchw(f_hat)
+    out["vae_dec_raw"] = nchw(vae.apply(vae_p, f_hat, method=MultiScaleVQVAE.fhat_to_img))
+    out["vae_rec"] = nchw(vae.apply(vae_p, idx, method=MultiScaleVQVAE.indices_to_img))
+
+    # Transformer, teacher forcing.
+    x_tf = vae.apply(vae_p, idx, method=MultiScaleVQVAE.teacher_forcing_input)
+    out["var_input"] = np.asarray(x_tf)
+    out["var_logits"] = np.asarray(var.apply(var_p, labels, x_tf))
+
+    # Sampling.
+    s = meta["sampling"]
+    settings = NextScaleSampling(
+        cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"], more_smooth=s["more_smooth"], return_logits=True
+    )
+    sample = NextScaleSampler(var, vae, settings)(
+        var_p["params"], vae_p["params"], gen_labels, jax.random.key(s.get("g_seed") or 0)
+    )
+    for k, (i, lg) in enumerate(zip(sample.indices, sample.head_logits, strict=True)):
+        out[f"infer_idx_s{k}"] = np.asarray(i, np.int64)
+        out[f"infer_head_logits_s{k}"] = np.asarray(lg)
+    out["infer_fhat"] = nchw(sample.f_hat)
+    out["infer_dec_raw"] = nchw(sample.decoded)
+    out["infer_img"] = nchw(sample.images)
+
+    # Teacher forcing on the sampled tokens, batch [cond; null].
+    labels2 = jnp.concatenate([gen_labels, jnp.full_like(gen_labels, var_cfg.num_classes)])
+    idx2 = [jnp.concatenate([i, i]) for i in sample.indices]
+    out["tf_sampled_labels2"] = np.asarray(labels2, np.int64)
+    x2 = vae.apply(vae_p, idx2, method=MultiScaleVQVAE.teacher_forcing_input)
+    out["tf_sampled_logits"] = np.asarray(var.apply(var_p, labels2, x2))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 
 import grain
@@ -9,11 +10,36 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxgen.data import sources, transforms
+from jaxgen.data import transforms
+from jaxgen.data.config import DataConfig, parse_config
+from jaxgen.data.loading import load_source
+from jaxgen.data.records import check_label, keep_record
+
+
+def check_class_count(source, num_classes: int | None) -> None:
+    """Refuses (one line) a source with more classes than the model's `num_classes` (None: no model to match)."""
+    if num_classes is not None and source.num_classes > num_classes:
+        raise ValueError(
+            f"{source.description}: the dataset has {source.num_classes} classes but the generator has "
+            f"num_classes={num_classes}: set the generator's num_classes to >= {source.num_classes} or use a "
+            "dataset with fewer classes."
+        )
+
+
+def _checked(ds, source, num_classes: int | None):
+    """`ds` (records of `source`) without skip records and with every label checked against the class range."""
+    bound = source.num_classes or (num_classes or 0)  # an unconditional source: the model's range, if given
+    check = functools.partial(check_label, num_classes=bound, description=source.description)
+    return ds.filter(keep_record).map(check)
 
 
 def make_train_iterator(
-    data_cfg: Mapping, *, global_batch_size: int, seed: int, split: str | None = None
+    data_cfg: Mapping | DataConfig,
+    *,
+    global_batch_size: int,
+    seed: int,
+    split: str | None = None,
+    num_classes: int | None = None,
 ) -> grain.DatasetIterator:
     """Infinite, shuffled, per-host batches of the train split (or `split`), as a checkpointable grain iterator.
 
@@ -22,12 +48,14 @@ def make_train_iterator(
     drop_remainder to b = global_batch_size / process_count. Yields numpy dicts
     `{"image": float32 [b, H, W, 3] in [-1, 1], "label": int32 [b]}` (tokens source:
     `{"tokens": int32 [b, L], "label": int32 [b]}`). Unreadable images are skipped (`skipped_images()`).
-    `it.get_state()` / `it.set_state(state)` (a JSON-able dict) resume it exactly.
+    `it.get_state()` / `it.set_state(state)` (a JSON-able dict) resume it exactly. A label outside the source's
+    classes raises `LabelRangeError`; `num_classes` (the generator's) refuses a dataset with more classes up front.
     """
-    cfg = sources.parse_config(data_cfg)
-    source = sources.load_source(cfg, cfg.train_split if split is None else split)
-    if cfg.random_flip and cfg.source.startswith("tokens:"):
-        raise ValueError(f"data.random_flip=True cannot flip token ids ({cfg.source!r}); set random_flip=False.")
+    cfg = parse_config(data_cfg)
+    source = load_source(cfg, cfg.train_split if split is None else split)
+    check_class_count(source, num_classes)
+    if cfg.random_flip and cfg.source.kind == "tokens":
+        raise ValueError("data.random_flip=True cannot flip token ids (data.source.kind='tokens'): set it False.")
     hosts, host = jax.process_count(), jax.process_index()
     if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1 or global_batch_size % hosts:
         raise ValueError(
@@ -50,28 +78,33 @@ def make_train_iterator(
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    it = it.filter(sources.keep_record).batch(batch_size, drop_remainder=True).map(transforms.to_float_batch)
+    it = _checked(it, source, num_classes).batch(batch_size, drop_remainder=True).map(transforms.to_float_batch)
     return iter(it)
 
 
-def ordered_batches(source, batch_size: int, limit: int | None = None) -> Iterator[dict]:
-    """The first `limit` (None = all) records of `source` in order, unreadable ones dropped, in float batches;
-    the last batch may be smaller."""
+def ordered_batches(
+    source, batch_size: int, limit: int | None = None, num_classes: int | None = None
+) -> Iterator[dict]:
+    """The first `limit` (None = all) records of `source` in order, unreadable ones dropped, labels checked as in
+    `make_train_iterator`, in float batches; the last batch may be smaller."""
     ds = grain.MapDataset.source(source)
     if limit is not None:
         ds = ds[:limit]
-    it = ds.to_iter_dataset().filter(sources.keep_record)
+    it = _checked(ds.to_iter_dataset(), source, num_classes)
     return iter(it.batch(batch_size).map(transforms.to_float_batch))
 
 
-def load_eval_arrays(data_cfg: Mapping, split: str, max_examples: int | None = None) -> dict[str, np.ndarray]:
+def load_eval_arrays(
+    data_cfg: Mapping | DataConfig, split: str, max_examples: int | None = None, num_classes: int | None = None
+) -> dict[str, np.ndarray]:
     """The first `max_examples` (None = all) examples of `split`, in order, no flip, minus unreadable ones:
     `{"image": float32 [N, H, W, 3] in [-1, 1], "label": int32 [N]}` (tokens source: `{"tokens": int32 [N, L],
-    "label": int32 [N]}`)."""
-    source = sources.load_source(data_cfg, split)
+    "label": int32 [N]}`). Labels and `num_classes` are checked as in `make_train_iterator`."""
+    source = load_source(data_cfg, split)
+    check_class_count(source, num_classes)
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}.")
-    batches = list(ordered_batches(source, 256, max_examples))
+    batches = list(ordered_batches(source, 256, max_examples, num_classes))
     if not batches:
         raise ValueError(f"No readable example in split {split!r}; see jaxgen.data.skipped_images().")
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

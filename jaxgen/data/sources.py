@@ -1,128 +1,25 @@
-"""Random-access image sources (grain `RandomAccessDataSource`s) and the `cfg.data` fields that select them.
+"""Random-access image sources (grain `RandomAccessDataSource`s): digits, an image folder, a prepared tfds dataset.
 
-A source has `__len__`, `__getitem__`, `num_classes` (0 = unconditional) and `description`. Records are
-`{"image": uint8 [H, W, 3], "label": int32 []}`. A file that cannot be decoded gives a *skip record*
-`{"skipped": path, "reason": str}` instead of raising, so a corrupt image never stops an epoch; consumers drop
-it with `keep_record`, which logs it once and adds it to `skipped_images()`.
+A source has `__len__`, `__getitem__`, `num_classes` (0 = unconditional) and `description`; its records are
+described in `jaxgen.data.records`. A file that cannot be decoded gives a skip record; an image that is not RGB
+with `convert_to_rgb=False` raises `ImageModeError` wherever it sits (it is never skipped). Token sources are in
+`jaxgen.data.tokens`; `jaxgen.data.loading.load_source` picks the source a config names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import threading
-from collections.abc import Mapping
 
 import numpy as np
 import PIL.Image
 from absl import logging
 
 from jaxgen.data import transforms
-
-DEFAULTS = dict(
-    source="digits",  # "digits" | "folder:/path" | "tfds:NAME" | "tokens:/path"
-    image_size=16,  # output H = W in pixels
-    data_dir="",  # tfds data_dir ("" = tfds default)
-    train_split="train",
-    eval_split="test",
-    random_flip=False,  # horizontal flip augmentation (train only)
-    convert_to_rgb=False,  # False: a non-RGB image is an error; True: convert it
-    worker_count=0,  # grain worker processes (0 = in-process)
-)
+from jaxgen.data.records import note_skipped, skip_record
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _SPLIT_DIR_NAMES = ("train", "val", "validation", "test", "eval")
 _NUM_CHECKED = 8  # images decoded up front by the folder source to catch wrong modes early
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Validated `cfg.data`; field meanings as in `DEFAULTS`."""
-
-    source: str
-    image_size: int
-    data_dir: str
-    train_split: str
-    eval_split: str
-    random_flip: bool
-    convert_to_rgb: bool
-    worker_count: int
-
-
-def parse_config(data_cfg: Mapping | DataConfig) -> DataConfig:
-    """`cfg.data` (dict or ConfigDict; missing fields take `DEFAULTS`) -> `DataConfig`, with clear errors."""
-    if isinstance(data_cfg, DataConfig):
-        return data_cfg
-    fields = dict(DEFAULTS)
-    fields.update({k: data_cfg[k] for k in data_cfg.keys()})
-    unknown = sorted(set(fields) - set(DEFAULTS))
-    if unknown:
-        logging.warning("cfg.data: ignoring unknown fields %s (known: %s)", unknown, sorted(DEFAULTS))
-    size = fields["image_size"]
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 8 <= size <= 8192:
-        raise ValueError(f"data.image_size must be an integer number of pixels in [8, 8192], got {size!r}.")
-    workers = fields["worker_count"]
-    if not isinstance(workers, (int, np.integer)) or workers < 0:
-        raise ValueError(f"data.worker_count must be an integer >= 0, got {workers!r}.")
-    if not isinstance(fields["source"], str) or not fields["source"]:
-        raise ValueError(f"data.source must be a non-empty string, got {fields['source']!r}.")
-    return DataConfig(
-        source=fields["source"],
-        image_size=int(size),
-        data_dir=str(fields["data_dir"] or ""),
-        train_split=str(fields["train_split"]),
-        eval_split=str(fields["eval_split"]),
-        random_flip=bool(fields["random_flip"]),
-        convert_to_rgb=bool(fields["convert_to_rgb"]),
-        worker_count=int(workers),
-    )
-
-
-# ----------------------------------------------------------------------------------------------- skipped images
-
-_SKIPPED: dict[str, str] = {}
-_SKIPPED_LOCK = threading.Lock()
-
-
-def skip_record(path: str, error: BaseException | str) -> dict:
-    """The record a source returns in place of an image it could not read."""
-    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"skipped": path, "reason": reason}
-
-
-def note_skipped(path: str, reason: str) -> None:
-    """Adds `path` to `skipped_images()`, logging a warning the first time it is seen in this process."""
-    with _SKIPPED_LOCK:
-        new = path not in _SKIPPED
-        _SKIPPED[path] = reason
-    if new:
-        logging.warning("Skipping unreadable image %s (%s)", path, reason)
-
-
-def keep_record(record: dict) -> bool:
-    """grain filter: False (and `note_skipped`) for skip records, True for real ones."""
-    if "skipped" in record:
-        note_skipped(record["skipped"], record["reason"])
-        return False
-    return True
-
-
-def skipped_images() -> dict[str, str]:
-    """{path: reason} of every image skipped so far in this process (the training loop logs `len(...)`)."""
-    with _SKIPPED_LOCK:
-        return dict(_SKIPPED)
-
-
-def skipped_count() -> int:
-    """len(skipped_images()): the number to log in the training metrics."""
-    with _SKIPPED_LOCK:
-        return len(_SKIPPED)
-
-
-def clear_skipped_images() -> None:
-    """Empties `skipped_images()` (for tests)."""
-    with _SKIPPED_LOCK:
-        _SKIPPED.clear()
 
 
 # ------------------------------------------------------------------------------------------------------ digits
@@ -206,7 +103,9 @@ class FolderSource:
 
     def __init__(self, path: str, split: str, image_size: int, convert_to_rgb: bool):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"data.source folder {path!r} does not exist or is not a directory.")
+            raise FileNotFoundError(
+                f"data.source.path={path!r} does not exist or is not a directory: set it to your image folder."
+            )
         root = _folder_root(path, split)
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
         self.paths, labels = [], []
@@ -262,6 +161,8 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict:
         try:
             return self._read(index)
+        except transforms.ImageModeError:
+            raise  # a policy error (data.convert_to_rgb), never a skip
         except Exception as e:  # PIL raises many types for bad files: the skip record carries the reason
             return skip_record(self.paths[index], e)
 
@@ -289,11 +190,11 @@ class TfdsSource:
             builder = tfds.builder(name, data_dir=data_dir or None)
         except tfds.core.registered.DatasetNotFoundError:
             raise ValueError(
-                f"data.source='tfds:{name}': no tfds dataset named {name!r} is registered or prepared in {where}. "
-                "Check the name (tfds.list_builders()) and data.data_dir."
+                f"data.source.name={name!r}: no tfds dataset named {name!r} is registered or prepared in {where}. "
+                "Check the name (tfds.list_builders()) and data.source.data_dir."
             ) from None
         except Exception as e:
-            raise ValueError(f"data.source='tfds:{name}': tfds could not open it in {where}: {e}") from None
+            raise ValueError(f"data.source.name={name!r}: tfds could not open it in {where}: {e}") from None
         if not builder.is_prepared():
             raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {where}. {prepare}")
         if str(builder.info.file_format.value) not in ("array_record", "parquet"):
@@ -305,7 +206,7 @@ class TfdsSource:
         if "image" not in features:
             raise ValueError(f"tfds dataset {name!r} has no 'image' feature (features: {list(features)}).")
         channels = features["image"].shape[-1]
-        if channels != 3 and not convert_to_rgb:
+        if channels not in (3, None) and not convert_to_rgb:  # None: any, checked per image
             raise ValueError(
                 f"tfds dataset {name!r}: images have {channels} channel(s), not 3. Set data.convert_to_rgb=True "
                 "to convert them to RGB."
@@ -333,33 +234,8 @@ class TfdsSource:
             image = transforms.array_to_rgb(
                 example["image"], image_size=self._size, convert_to_rgb=self._convert, name=name
             )
+        except transforms.ImageModeError:
+            raise  # a policy error (data.convert_to_rgb), never a skip
         except Exception as e:
             return skip_record(name, e)
         return {"image": image, "label": np.int32(example.get("label", 0) if self.num_classes else 0)}
-
-
-# ------------------------------------------------------------------------------------------------------ dispatch
-
-
-def load_source(data_cfg: Mapping | DataConfig, split: str):
-    """`cfg.data` + split name -> a random-access source (see the module docstring for the record format).
-
-    Every problem with the source (unknown kind, missing path, empty folder, unknown or unprepared tfds dataset,
-    non-RGB images without `convert_to_rgb`, bad image_size) is raised here as ValueError / FileNotFoundError.
-    """
-    cfg = parse_config(data_cfg)
-    kind, _, arg = cfg.source.partition(":")
-    if kind == "digits" and not arg:
-        return DigitsSource(split, cfg.image_size)
-    if kind == "folder" and arg:
-        return FolderSource(os.path.expanduser(arg), split, cfg.image_size, cfg.convert_to_rgb)
-    if kind == "tfds" and arg:
-        return TfdsSource(arg, split, cfg.data_dir, cfg.image_size, cfg.convert_to_rgb)
-    if kind == "tokens" and arg:
-        from jaxgen.data import tokens
-
-        return tokens.TokenSource(os.path.expanduser(arg), split)
-    raise ValueError(
-        f"Unknown data.source {cfg.source!r}: use 'digits', 'folder:/path/to/images', 'tfds:NAME' (e.g. "
-        "'tfds:cifar10') or 'tokens:/path/written/by/write_token_shards'."
-    )

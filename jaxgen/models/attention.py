@@ -4,8 +4,8 @@
 `[B, Hkv, Lk, D]` with `H % Hkv == 0` (grouped-query: query head h reads kv head h // (H / Hkv)), an optional boolean
 mask broadcastable to `[Lq, Lk]` (True = may attend), shared by the batch and the heads. Backends:
 
-- `"xla"`: `dot_product_attention` below, the dense masked softmax (full `[Lq, Lk]` logits, masked entries -inf).
-  Grouped kv heads are repeated to H first.
+- `"xla"`: `dot_product_attention` below, the dense masked softmax (full `[Lq, Lk]` logits, masked entries -inf),
+  grouped kv heads read in place.
 - `"cudnn"`: `jax.nn.dot_product_attention(..., implementation="cudnn")` (cuDNN flash attention; NVIDIA GPU only,
   bfloat16 / float16 only). No mask, an all-True mask, or the square causal mask map onto cuDNN's own masks (the
   causal one skips the upper triangle); any other mask is passed as JAX's boolean `mask` argument, which JAX turns
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -34,27 +35,70 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
-from jaxgen.models.layers import constrain
+from jaxgen.parallel.logical import constrain
+from jaxgen.parallel.partition import fit_spec
+from pallas_kernels.block_sparse_attention import mask as mask_lib
 
 BACKENDS = ("xla", "cudnn", "pallas")
+MASKS = ("causal", "scale_causal", "scale_block_diagonal", "full")
 _OUT_AXES = ("batch", "heads", "length", "kv")
 
 
 def dot_product_attention(
     q_bhld: Float[Array, "B H Lq D"],
-    k_bhld: Float[Array, "B H Lk D"],
-    v_bhld: Float[Array, "B H Lk D"],
+    k_bkld: Float[Array, "B Hkv Lk D"],
+    v_bkld: Float[Array, "B Hkv Lk D"],
     *,
     mask_ll: np.ndarray | jax.Array | None = None,
     scale: float = 1.0,
 ) -> jax.Array:
-    """softmax(scale * q k^T + mask) v -> `[B, H, Lq, D]` in the dtype of `v` (the dense "xla" backend; q / k / v
-    with equal heads)."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q_bhld, k_bhld, preferred_element_type=jnp.float32) * scale
+    """softmax(scale * q k^T, masked) v -> `[B, H, Lq, D]` in the dtype of `v`: the dense "xla" backend, the one
+    dense attention of every model. Grouped kv heads (Hkv divides H) are read in place, without repeating them:
+    query head h reads kv head h // (H / Hkv) (torch's `repeat_interleave`). `mask_ll`: bool, True = may attend,
+    broadcastable to `[Lq, Lk]` (or to `[B, Hkv, H / Hkv, Lq, Lk]`). Logits and softmax in float32."""
+    b, h, lq, d = q_bhld.shape
+    kvh = k_bkld.shape[1]
+    q = q_bhld.reshape(b, kvh, h // kvh, lq, d)
+    logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k_bkld, preferred_element_type=jnp.float32) * np.float32(scale)
     if mask_ll is not None:
         logits = jnp.where(jnp.asarray(mask_ll), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v_bhld.dtype)
-    return constrain(jnp.einsum("bhqk,bhkd->bhqd", weights, v_bhld), ("batch", "heads", "length", "kv"))
+    weights = jax.nn.softmax(logits, axis=-1).astype(v_bkld.dtype)
+    out = jnp.einsum("bkgqs,bksd->bkgqd", weights, v_bkld).reshape(b, h, lq, d)
+    return constrain(out, _OUT_AXES)
+
+
+def attention_mask(kind: str, seq_len: int, scale_sides: Sequence[int] | None = None) -> np.ndarray:
+    """The static `[L, L]` bool self-attention mask a generator config names (`attn_mask`), True = may attend:
+
+    - "causal": token i sees tokens j <= i (LlamaGen);
+    - "scale_causal": a token sees its own scale and every coarser one (VAR); needs `scale_sides`;
+    - "scale_block_diagonal": a token sees only its own scale (HMAR's Markov mask); needs `scale_sides`;
+    - "full": every token sees every token (bidirectional: MaskGIT).
+
+    The masks come from `pallas_kernels.block_sparse_attention.mask`, so the dense and the block-sparse backends
+    read the same array."""
+    if kind not in MASKS:
+        raise ValueError(f"attention mask {kind!r}: use one of {', '.join(MASKS)}")
+    if kind == "causal":
+        return np.asarray(mask_lib.causal(seq_len))
+    if kind == "full":
+        return np.asarray(mask_lib.full(seq_len))
+    if not scale_sides:
+        raise ValueError(
+            f"attention mask {kind!r} needs a multi-scale token layout (patch_nums); use 'causal' or 'full'"
+        )
+    if sum(p * p for p in scale_sides) != seq_len:
+        raise ValueError(f"attention mask {kind!r}: scales {tuple(scale_sides)} hold {sum(p * p for p in scale_sides)} "
+                         f"tokens, not {seq_len}")  # fmt: skip
+    build = mask_lib.scale_causal if kind == "scale_causal" else mask_lib.scale_block_diagonal
+    return np.asarray(build(tuple(scale_sides)))
+
+
+def check_mask(kind: str, allowed: Sequence[str], where: str) -> str:
+    """`kind` if it is one of `allowed` (the masks a model supports), else a ValueError naming the config field."""
+    if kind not in allowed:
+        raise ValueError(f"{where}={kind!r}: this model supports {', '.join(repr(a) for a in allowed)}")
+    return kind
 
 
 def check_backend(backend: str, where: str = "attention") -> str:
@@ -172,8 +216,6 @@ def _shard_plan(q, k) -> tuple[jax.sharding.AbstractMesh, PartitionSpec, Partiti
     The Pallas call is a custom call that XLA's partitioner cannot split, so without this it would gather q / k / v
     onto every device and run the whole attention there; under `shard_map` each device runs the kernel on its own
     batch x heads slice, which needs no communication at all."""
-    from jaxgen.parallel.partition import fit_spec  # jaxgen.parallel imports jaxgen.models: import at call time
-
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
@@ -210,15 +252,7 @@ def attention(
             f"attention: k / v heads ({hkv}, {v_bhld.shape[1]}) must be equal and divide q's {h} heads (grouped-query)"
         )
     if backend == "xla":
-        if hkv != h:  # repeat_interleave: query head i reads kv head i // (h / hkv)
-            k_bhld, v_bhld = (jnp.repeat(t, h // hkv, axis=1) for t in (k_bhld, v_bhld))
         return dot_product_attention(q_bhld, k_bhld, v_bhld, mask_ll=mask, scale=scale)
     if backend == "cudnn":
         return _cudnn(q_bhld, k_bhld, v_bhld, mask, scale)
     return _pallas(q_bhld, k_bhld, v_bhld, mask, scale, interpret)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(|x|_2, eps), as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
-    return (x / jnp.maximum(norm, eps)).astype(x.dtype)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxgen.models.layers import logical
+from jaxgen.parallel.logical import logical
 
 BN_EPS = 1e-5
 GN_EPS = 1e-5

@@ -5,52 +5,68 @@ adjacent pairs (2m, 2m+1) of a head vector as (real, imag), the Meta-LLaMA "inte
 half-split `rotate_half` one). The first `cls_token_num` rows of a table are all zeros (cos = 0 and sin = 0), as in
 LlamaGen: RoPE maps the class token's q and k to exactly 0.
 
-Logical axes: every parameter initialiser is wrapped in `logical(init, names)` (one logical axis name per dimension,
-mapped to mesh axes by `jaxgen.parallel.rules`). `module.init` returns plain arrays, as before, unless called inside
-`keep_logical_boxes()`, where each param comes boxed in `nn.LogicallyPartitioned` (what `jaxgen.parallel.partition`
-reads to build shardings). The values are the same either way.
+Parameters carry logical axis names through `jaxgen.parallel.logical.logical`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+import optax
+from jaxtyping import Array, Float, Int
 
-# Whether initialisers return `nn.LogicallyPartitioned` boxes. A jit cache key (a `jax.make_user_context`), so a
-# function traced outside the context is re-traced inside it rather than reused without its boxes.
-_KEEP_BOXES = jax.make_user_context(default_value=False)
-
-
-def keep_logical_boxes(enabled: bool = True):
-    """Context manager: inside it, initialisers wrapped by `logical` box their params with logical axis names."""
-    return _KEEP_BOXES(enabled)
+from jaxgen.parallel.logical import logical
 
 
-def logical(init: Callable, names: Sequence[str | None]) -> Callable:
-    """`init` whose value carries one logical axis name per dimension (boxed only inside `keep_logical_boxes()`)."""
-    names = tuple(names)
-    boxed = nn.with_logical_partitioning(init, names)
+def dense(
+    features: int,
+    names: tuple[str | None, str | None],
+    *,
+    kernel_init: Callable = nn.linear.default_kernel_init,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
+    """`nn.Dense` whose kernel carries the logical axis names (in, out) and whose zero-initialised bias carries (out,).
+    `dtype` is the compute dtype (params stay float32)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=logical(kernel_init, names),
+        bias_init=logical(nn.initializers.zeros_init(), names[1:]),
+        name=name,
+    )
 
-    def wrapped(*args, **kwargs):
-        if not _KEEP_BOXES.value:
-            return init(*args, **kwargs)
-        box = boxed(*args, **kwargs)
-        if box.value.ndim != len(names):
-            raise ValueError(f"logical axis names {names} do not fit a parameter of shape {box.value.shape}")
-        return box
 
-    return wrapped
+def layer_norm(eps: float = 1e-5, *, affine: bool = True, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the last axis in float32 with the two-pass variance (torch's); `affine=False`: no scale, no bias
+    (VAR's AdaLN blocks). The scale and bias carry the logical axis 'norm'."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        use_bias=affine,
+        use_scale=affine,
+        use_fast_variance=False,
+        dtype=jnp.float32,
+        scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+        bias_init=logical(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """`nn.with_logical_constraint(x, names)`: a sharding hint for an activation; a no-op unless logical axis rules
-    (`nn.logical_axis_rules`) and a mesh (`jax.set_mesh`) are both set."""
-    return nn.with_logical_constraint(x, tuple(names))
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """x / max(|x|_2, eps), as torch.nn.functional.normalize (the norm in float32; the result in x's dtype)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def token_cross_entropy(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B L"]) -> Float[Array, ""]:
+    """Mean cross-entropy over every token `[B, L]` of float32 logits (VAR and LlamaGen weigh all tokens equally)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
 
 
 class RMSNorm(nn.Module):

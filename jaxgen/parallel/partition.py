@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxgen.models.layers import keep_logical_boxes
+from jaxgen.parallel.logical import keep_logical_boxes
 from jaxgen.parallel.rules import DEFAULT_RULES, Rules
 
 __all__ = [

@@ -21,16 +21,19 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from flax.linen import unbox as nn_unbox
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgen import data as data_lib
 from jaxgen.eval.grids import save_grid
-from jaxgen.families import Family, build_models, config_section, family_of
+from jaxgen.families import Family, build_models, config_section
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
+from jaxgen.pretrained import check_tree_shapes, load_pretrained, save_pretrained
 from jaxgen.train import checkpoint as ckpt_lib
+from jaxgen.train.checks import check_config
 from jaxgen.train.generator_task import encode_fn, generator_task
 from jaxgen.train.optim import learning_rate_schedule
 from jaxgen.train.reporting import MetricsWriter, Progress, parameter_overview
@@ -39,7 +42,6 @@ from jaxgen.train.step import make_train_step
 from jaxgen.train.task import Task
 from jaxgen.train.tokenizer_task import (
     TokenizerLossConfig,
-    check_lpips_weights,
     evaluate_tokenizer,
     load_lpips_frozen,
     lpips_path,
@@ -52,40 +54,15 @@ class TrainingError(RuntimeError):
     """A run stopped for a reason the user can act on (the message says what and what to do)."""
 
 
-# ---- configuration checks (before any data is read or anything compiles) ------------------------------------------
-
-
-def check_config(config) -> None:
-    """Raise ValueError for a config that cannot work: image size vs the tokenizer's downsampling and token grid,
-    batch vs micro-batches and devices, logging vs checkpoint cadence."""
-    family, tokenizer, generator = build_models(config, training=True)
-    family.check_image_size(tokenizer, generator if "generator" in config.stages else None, int(config.data.image_size))
-    loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
-    if "tokenizer" in config.stages:
-        check_lpips_weights(loss_cfg)
-    for stage in config.stages:
-        t = config[f"train_{stage}"]
-        if t.batch_size % t.accum_steps:
-            raise ValueError(f"train_{stage}.batch_size={t.batch_size} is not divisible by accum_steps={t.accum_steps}")
-        if t.ckpt_every % t.log_every:
-            raise ValueError(
-                f"train_{stage}.ckpt_every={t.ckpt_every} must be a multiple of log_every={t.log_every} "
-                f"(a checkpoint is written only after its loss was checked to be finite)"
-            )
-    unknown = set(config.stages) - {"tokenizer", "generator"}
-    if unknown or not config.stages:
-        raise ValueError(f"config.stages={tuple(config.stages)}: each must be 'tokenizer' or 'generator'")
-
-
 def _fingerprint(config, family: Family, stage: str) -> dict:
     """The config fields that define a stage's model and its data: a checkpoint of another model must not resume."""
-    fp = {"family": config.family, family.tokenizer: config_section(config, family.tokenizer)}
+    fp = {"family": config.family, family.tokenizer_key: config_section(config, family.tokenizer_key)}
     if stage == "tokenizer":
         loss = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
         if loss.use_gan:  # the discriminator's shape is part of the checkpoint
             fp["discriminator"] = {"ndf": loss.disc_ndf, "layers": loss.disc_layers, "norm": loss.disc_norm}
     if stage == "generator":
-        fp[family.generator] = config_section(config, family.generator)
+        fp[family.generator_key] = config_section(config, family.generator_key)
     fp["image_size"] = int(config.data.image_size)
     return json.loads(json.dumps(fp, default=list))
 
@@ -171,7 +148,9 @@ def train_stage(
     batch_ndim = {"image": 4, "tokens": 2, "label": 1}
     batch_shardings = {k: partition.batch_sharding(mesh, rules, batch_ndim[k]) for k in (task.batch_key, "label")}
     frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
-    with partition.activation_rules(mesh, rules):
+    from jaxgen.train import preemption  # here, not at the top: preemption.Preempted subclasses TrainingError
+
+    with partition.activation_rules(mesh, rules), preemption.stop_on_signals() as stop:
         step_fn = jax.jit(
             step_fn,
             in_shardings=(shardings, batch_shardings, frozen_shardings),
@@ -186,7 +165,9 @@ def train_stage(
             batch = partition.shard_batch({k: batch[k] for k in batch_shardings}, mesh, rules)
             state, metrics = step_fn(state, batch, frozen)
             pending.append(metrics)
-            if step % tc.log_every == 0 or step == tc.steps:
+            # SIGTERM / SIGINT: check the loss, save (state + data position), wait for the write, raise Preempted.
+            stopping = stop.requested()
+            if stopping or step % tc.log_every == 0 or step == tc.steps:
                 host = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
                 pending = []
                 skipped = data_lib.skipped_count()
@@ -207,10 +188,14 @@ def train_stage(
                         f"{kept}. Lower train_{task.name}.lr, raise warmup_steps or set grad_clip, then rerun "
                         f"(it resumes from the last checkpoint)."
                     )
-                if step % tc.ckpt_every == 0 or step == tc.steps:
+                if stopping or step % tc.ckpt_every == 0 or step == tc.steps:
                     ckpt_lib.save_train_state(mngr, state, data_iter, metrics={"loss": host["loss"]})
                     last_good = step
-            if sample_fn is not None and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
+            if stopping:
+                progress.close()
+                mngr.close()  # waits until the checkpoint is complete
+                raise preemption.Preempted(task.name, step, int(tc.steps), stop.signum, mngr.directory / str(step))
+            if sample_fn is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
                 sample_fn(task.export(state), step)
         progress.close()
     mngr.close()
@@ -221,8 +206,21 @@ def train_stage(
 
 
 def _class_grid_labels(config, num_classes: int) -> np.ndarray:
-    classes = [c for c in config.grid.classes if c < num_classes]
+    """`config.grid.classes` repeated `per_class` times; a class the generator does not have is an error."""
+    classes = [int(c) for c in config.grid.classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(
+            f"grid.classes {bad} are outside the generator's {num_classes} classes (0..{num_classes - 1}): fix "
+            f"grid.classes or the generator's num_classes"
+        )
     return np.repeat(np.asarray(classes, np.int32), int(config.grid.per_class))
+
+
+def _check_classes(config, generator) -> None:
+    """The dataset's classes (train and eval split) must fit the generator's `num_classes`, before anything runs."""
+    for split in (config.data.train_split, config.data.eval_split):
+        data_lib.check_class_count(data_lib.load_source(config.data, split), generator.config.num_classes)
 
 
 def _tokenizer_sample_fn(tokenizer, config, stage_dir: Path) -> Callable[[Any, int], None]:
@@ -249,14 +247,49 @@ def _generate(sampler, gen_params, tok_params, labels, key) -> np.ndarray:
     return np.asarray(jax.device_get(out.images))
 
 
+def to_host(tree: Any) -> Any:
+    """A (possibly sharded over several hosts) pytree as numpy arrays on every host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _export(stage_dir: Path, params: dict, config, family: Family, sections: tuple[str, ...]) -> None:
+    """`stage_dir/export`: the stage's params (EMA) as a `jaxgen.pretrained` checkpoint, from every process."""
+    meta = {"family": config.family, **{k: config_section(config, k) for k in sections}}
+    save_pretrained(stage_dir / "export", params, meta)
+    logging.info("exported %s to %s", "+".join(params), stage_dir / "export")
+
+
+def _load_tokenizer(config, family: Family, tokenizer) -> dict:
+    """The tokenizer params of `config.tokenizer_checkpoint` (a converted checkpoint or a run's workdir /
+    tokenizer export), shape-checked against the config's tokenizer before anything compiles."""
+    path = Path(config.tokenizer_checkpoint).expanduser()
+    if (path / "tokenizer" / "export").is_dir():
+        path = path / "tokenizer" / "export"
+    image = jax.ShapeDtypeStruct((1, int(config.data.image_size), int(config.data.image_size), 3), np.float32)
+    expected = nn_unbox(jax.eval_shape(tokenizer.init, jax.random.key(0), image)["params"])
+    _, loaded = load_pretrained(path, family=family.name)
+    if family.tokenizer_key not in loaded:
+        raise ValueError(f"tokenizer_checkpoint {path} holds {sorted(loaded)}, no `{family.tokenizer_key}` params")
+    check_tree_shapes(loaded[family.tokenizer_key], expected, f"tokenizer_checkpoint {path}")
+    return loaded[family.tokenizer_key]
+
+
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Run the config's stages under `workdir`; returns (and writes to workdir/report.json) the final report."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
     mesh_lib.initialize_distributed()
     check_config(config)
-    family = family_of(config)
+    family, inference_tok, generator = build_models(config)
     data_lib.load_source(config.data, config.data.train_split)  # missing/empty/unreadable data: fail before compiling
+    if "generator" in config.stages:
+        _check_classes(config, generator)
+        grid_labels = _class_grid_labels(config, generator.config.num_classes)
+        tok_params = None if "tokenizer" in config.stages else _load_tokenizer(config, family, inference_tok)
     fingerprints = {s: _fingerprint(config, family, s) for s in config.stages}
     for stage in config.stages:
         _claim_stage_dir(workdir / stage, fingerprints[stage])
@@ -266,10 +299,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     report: dict[str, Any] = {"family": config.family, "workdir": str(workdir.absolute())}
 
     # -- tokenizer
-    t = config.train_tokenizer
-    _, tokenizer, _ = build_models(config, tokenizer_dtype=t.compute_dtype, training=True)
-    _, inference_tok, _ = build_models(config)
     if "tokenizer" in config.stages:
+        t = config.train_tokenizer
+        _, tokenizer, _ = build_models(config, tokenizer_dtype=t.compute_dtype, training=True)
         loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
         task = tokenizer_task(
             tokenizer, loss_cfg, image_size=int(config.data.image_size), frozen=load_lpips_frozen(loss_cfg)
@@ -285,42 +317,32 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             writer=writer,
             sample_fn=_tokenizer_sample_fn(inference_tok, config, workdir / "tokenizer"),
         )
-        tok_params, tok_step = jax.device_get(task.export(state)), int(state.step)
+        exported = task.export(state)
+        _export(workdir / "tokenizer", {family.tokenizer_key: exported}, config, family, (family.tokenizer_key,))
+        tok_params = to_host(exported)
         report["tokenizer"] = _tokenizer_eval(inference_tok, tok_params, config, loss_cfg)
-        writer.write(tok_step, {k: v for k, v in report["tokenizer"].items() if v is not None}, stage="tokenizer_eval")
-        if jax.process_index() == 0:
-            ckpt_lib.save_pretrained(
-                workdir / "tokenizer" / "export",
-                {family.tokenizer: tok_params},
-                {"family": config.family, family.tokenizer: config_section(config, family.tokenizer)},
-            )
-    else:
-        if not config.tokenizer_checkpoint:
-            raise ValueError("config.stages has no 'tokenizer': set config.tokenizer_checkpoint to a trained one")
-        _, loaded = ckpt_lib.load_pretrained(config.tokenizer_checkpoint)
-        tok_params, tok_step = loaded[family.tokenizer], -1
+        writer.write(int(state.step), {k: v for k, v in report["tokenizer"].items() if v is not None},
+                     stage="tokenizer_eval")  # fmt: skip
 
     if "generator" not in config.stages:
         return _finish(report, workdir, writer, t_start)
 
-    # -- pretokenize once, then the generator
+    # -- pretokenize (again whenever the data or the tokenizer changed), then the generator
     tokens_dir = workdir / "tokens"
-    meta = {"tokenizer_step": tok_step, "tokenizer": fingerprints.get("tokenizer", {}).get(family.tokenizer)}
-    if (
-        not (tokens_dir / "meta.json").is_file()
-        or data_lib.read_token_metadata(tokens_dir).get("tokenizer_step") != tok_step
-    ):
-        logging.info("writing token shards to %s", tokens_dir)
-        data_lib.write_token_shards(
-            encode_fn(inference_tok, tok_params), config.data, tokens_dir, split=config.data.train_split, metadata=meta
-        )
-    token_data = config.data.copy_and_resolve_references()
-    token_data.source = f"tokens:{tokens_dir}"
+    tokenizer_id = {
+        "family": config.family,
+        family.tokenizer_key: config_section(config, family.tokenizer_key),
+        "params_sha256": data_lib.params_fingerprint(tok_params),
+    }
+    written, why = data_lib.ensure_token_shards(
+        encode_fn(inference_tok, tok_params), config.data, tokens_dir, split=config.data.train_split,
+        tokenizer=tokenizer_id,
+    )  # fmt: skip
+    logging.info("%s token shards in %s: %s", "wrote" if written else "reusing", tokens_dir, why)
+    token_data = data_lib.with_source(config.data, kind="tokens", path=str(tokens_dir))
     g = config.train_generator
     _, plain_tok, generator = build_models(config, generator_dtype=g.compute_dtype)
     sampler = family.sampler(generator, plain_tok, config.sampling.to_dict())
-    num_classes = generator.config.num_classes
-    grid_labels = _class_grid_labels(config, num_classes)
 
     def sample_grid(params, step):
         images = _generate(sampler, params, tok_params, grid_labels, jax.random.key(int(config.seed) + step))
@@ -332,8 +354,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             scale=max(1, 64 // images.shape[1]),
         )
 
+    task = generator_task(family, plain_tok, generator, tok_params)
     state = train_stage(
-        generator_task(family.objective, plain_tok, generator, tok_params),
+        task,
         g,
         token_data,
         workdir / "generator",
@@ -343,7 +366,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         writer=writer,
         sample_fn=sample_grid,
     )
-    report["generator"] = _generator_eval(config, sampler, state.ema_params, tok_params, grid_labels, workdir)
+    gen_params = task.export(state)
+    _export(workdir / "generator", {family.tokenizer_key: tok_params, family.generator_key: gen_params}, config,
+            family, (family.tokenizer_key, family.generator_key))  # fmt: skip
+    if int(config.eval.get("sample_batches", 0)) > 0:
+        report["generator"] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir)
     return _finish(report, workdir, writer, t_start)
 
 

@@ -5,16 +5,33 @@ from jaxgen.parallel.rules import DEFAULT_RULES
 
 def digits_data_section(**overrides) -> dict:
     """The `data` section of the digits recipes: scikit-learn's bundled digits (1,797 scans, 10 classes) at 16 px RGB,
-    with a fixed held-out split (see `jaxgen.data.sources`)."""
+    with a fixed held-out split (see `jaxgen.data.sources`). Fields: `jaxgen.data.config`."""
     return (
         dict(
-            source="digits",
+            source=dict(kind="digits", path="", name="", data_dir=""),  # every field, so a CLI override can set it
             image_size=16,
-            data_dir="",
             train_split="train",
             eval_split="test",
             random_flip=False,  # digits are not mirror-symmetric
             convert_to_rgb=False,
+            worker_count=0,
+        )
+        | overrides
+    )
+
+
+def imagenet_data_section(**overrides) -> dict:
+    """The `data` section of the ImageNet recipes: tfds `imagenet2012` (prepared with file_format='array_record'),
+    256 px, flipped. For an image folder: `source=dict(kind="folder", path=..., name="", data_dir="")`;
+    convert_to_rgb is on because ImageNet's train folder holds a few grey and CMYK JPEGs."""
+    return (
+        dict(
+            source=dict(kind="tfds", path="", name="imagenet2012", data_dir=""),
+            image_size=256,
+            train_split="train",
+            eval_split="validation",
+            random_flip=True,
+            convert_to_rgb=True,
             worker_count=0,
         )
         | overrides
@@ -27,34 +44,49 @@ def parallel_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> dict:
 
 
 def train_section(**overrides) -> dict:
-    """The fields of a `train_<stage>` config section (read by jaxgen.train.loop.train_stage), with overrides."""
+    """The fields of a `train_<stage>` config section (read by jaxgen.train.loop.train_stage), with overrides; an
+    override that is not one of the fields is an error (a typo would otherwise be a silent new field)."""
     section = dict(
         steps=1000,
         batch_size=64,  # global batch
         accum_steps=1,  # micro-batches per step (gradients averaged)
         lr=1e-3,
-        min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
+        min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio (1.0: constant after the warm-up)
         warmup_steps=50,
         b1=0.9,
         b2=0.95,
         weight_decay=0.0,
         grad_clip=1.0,  # global-norm clip, 0 = off
-        ema_decay=0.99,
+        ema_decay=0.99,  # EMA of the params, which samplers and exports read (0 = off: the raw params)
         compute_dtype="float32",  # "bfloat16": bf16 matmuls/convs, float32 params
         log_every=25,
         ckpt_every=250,  # a multiple of log_every
         keep_checkpoints=2,  # the latest N, plus the one with the lowest logged loss
         sample_every=500,  # grids from the EMA params (0 = only at the end)
     )
+    unknown = sorted(set(overrides) - set(section))
+    if unknown:
+        raise ValueError(f"train_section: unknown field {unknown[0]!r}; the fields are {', '.join(section)}")
     section.update(overrides)
     return section
+
+
+def unknown_variant(config_file: str, arg: str, variants) -> ValueError:
+    """The error a `get_config(arg)` raises for an `arg` it does not define, listing the ones it does."""
+    named = [v for v in variants if v]
+    if not named:
+        return ValueError(f"{config_file} has no variant {arg!r} (it has none): use --config={config_file}")
+    names = ", ".join(repr(v) for v in named) + (" or none (the default)" if "" in variants else "")
+    return ValueError(
+        f"{config_file}: unknown variant {arg!r}; the variants are {names}, e.g. --config={config_file}:{named[0]}"
+    )
 
 
 def tokenizer_loss_section(**overrides) -> dict:
     """The fields of the `tokenizer_loss` config section (`TokenizerLossConfig`), with overrides."""
     import dataclasses
 
-    from jaxgen.train.tokenizer_task import TokenizerLossConfig
+    from jaxgen.train.losses.config import TokenizerLossConfig  # not the tokenizer task: configs stay light
 
     return dataclasses.asdict(TokenizerLossConfig(**overrides))
 

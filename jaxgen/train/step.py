@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxgen.models.tokenizers.quantizers import micro_batch
 from jaxgen.train.state import TrainState
 
 
@@ -49,8 +50,10 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure `train_step(state, batch, frozen) -> (state, metrics)`; the caller jits it (with shardings
     and `donate_argnums=0`). Gradients of `accum_steps` micro-batches are averaged before the single update, so the
-    result equals one step on the whole batch up to float summation order; `model_state` is threaded through the
-    micro-batches in order."""
+    result equals one step on the whole batch up to float summation order (for losses that are means over the
+    batch). `model_state` is threaded through the micro-batches in order, each traced inside
+    `quantizers.micro_batch(i, accum_steps)`, so that an EMA codebook makes the whole batch's one update per step
+    (not one per micro-batch) and every micro-batch looks up the step's starting codebook; metrics are averaged."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict, frozen: Any = None):
@@ -64,15 +67,18 @@ def make_train_step(
 
             def body(carry, xs):
                 sums, model_state = carry
-                mb, k = xs
-                (mb_loss, (m, model_state)), g = grad_fn(state.params, mb, ctx.replace(rng=k, model_state=model_state))
+                mb, k, i = xs
+                with micro_batch(i, accum_steps):
+                    mb_ctx = ctx.replace(rng=k, model_state=model_state)
+                    (mb_loss, (m, model_state)), g = grad_fn(state.params, mb, mb_ctx)
                 return (jax.tree.map(jnp.add, sums, (mb_loss, m, g)), model_state), None
 
             shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), ctx)
             (loss_s, (metrics_s, _)), grads_s = shapes
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
             keys = jax.random.split(step_key, accum_steps)
-            (sums, model_state), _ = jax.lax.scan(body, (zeros, state.model_state), (micro, keys))
+            indices = jnp.arange(accum_steps, dtype=jnp.int32)
+            (sums, model_state), _ = jax.lax.scan(body, (zeros, state.model_state), (micro, keys, indices))
             loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, sums)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

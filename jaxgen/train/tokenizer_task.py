@@ -17,7 +17,6 @@ quantizers, `codebook_usage/scale_P` for the P x P scale.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,71 +38,15 @@ from jaxgen.models.lpips import (
     lpips_distance,
     missing_weights_message,
 )
-from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
 from jaxgen.train import codebook_metrics as cbm
 from jaxgen.train.losses.adversarial import D_LOSSES, G_LOSSES, adaptive_weight, disc_factor
+from jaxgen.train.losses.config import REC_LOSSES, TokenizerLossConfig  # re-exported: the config section
 from jaxgen.train.losses.entropy import entropy_loss
-from jaxgen.train.losses.reconstruction import l1_loss, l2_loss
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.step import LossContext
 from jaxgen.train.task import Task
 
-REC_LOSSES = {"l1": l1_loss, "l2": l2_loss}
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerLossConfig:
-    """The `tokenizer_loss` config section."""
-
-    rec_loss: str = "l1"  # "l1" | "l2"
-    rec_weight: float = 1.0
-    codebook_weight: float = 1.0  # x the quantizer's codebook + commitment loss
-    perceptual_weight: float = 0.0  # LPIPS (VGG16); > 0 needs the weight file (docs/lpips.md)
-    lpips_weights: str = ""  # "" = $JAXGEN_LPIPS_WEIGHTS or ~/.cache/jaxgen/lpips_vgg16.npz
-    entropy_weight: float = 0.0  # per-sample minus batch entropy of softmax(code logits / temperature)
-    entropy_temperature: float = 0.01
-    disc_weight: float = 0.0  # 0 = no discriminator
-    disc_start: int = 0  # the step from which the adversarial terms count (the discriminator trains from then on)
-    disc_loss: str = "hinge"  # "hinge" | "non_saturating"
-    gen_loss: str = "hinge"  # "hinge" | "non_saturating"
-    adaptive_disc_weight: bool = True  # VQGAN's gradient-norm ratio at the decoder's last layer
-    disc_ndf: int = 64
-    disc_layers: int = 3
-    disc_norm: str = "batch"  # "batch" | "group" | "none"
-    disc_lr_ratio: float = 1.0  # discriminator lr = train lr x this (no weight decay)
-    usage_window: int = 100  # steps over which codebook_usage counts a code as used
-
-    def __post_init__(self):
-        for name, value, allowed in (
-            ("rec_loss", self.rec_loss, REC_LOSSES),
-            ("disc_loss", self.disc_loss, D_LOSSES),
-            ("gen_loss", self.gen_loss, G_LOSSES),
-            ("disc_norm", self.disc_norm, ("batch", "group", "none")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"tokenizer_loss.{name}={value!r}: use one of {sorted(allowed)}")
-        if self.usage_window < 1:
-            raise ValueError(f"tokenizer_loss.usage_window={self.usage_window}: must be >= 1 step")
-
-    @property
-    def use_gan(self) -> bool:
-        return self.disc_weight > 0
-
-    @classmethod
-    def from_section(cls, section: Mapping | None) -> TokenizerLossConfig:
-        d = {} if section is None else (section.to_dict() if hasattr(section, "to_dict") else dict(section))
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"tokenizer_loss: unknown fields {unknown}")
-        return cls(**d)
-
-
-# ---- what differs between tokenizers --------------------------------------------------------------------------
-
-
-def vocab_size(tokenizer) -> int:
-    c = tokenizer.config
-    return c.vocab_size if isinstance(tokenizer, MultiScaleVQVAE) else c.codebook_size
+# ---- what the objective reads of the tokenizer (`jaxgen.models.tokenizers.protocol.Tokenizer`) -------------------
 
 
 def example_image(tokenizer, image_size: int | None = None) -> jax.Array:
@@ -113,14 +56,9 @@ def example_image(tokenizer, image_size: int | None = None) -> jax.Array:
     return jnp.zeros((1, size, size, 3))
 
 
-def last_layer_path(tokenizer) -> tuple[str, ...]:
-    """Path of the decoder's output kernel in the tokenizer's params (where VQGAN's adaptive weight is measured)."""
-    return tuple(getattr(tokenizer, "LAST_LAYER", ("decoder", "conv_out", "kernel")))
-
-
-def scale_sides(tokenizer) -> tuple[int, ...] | None:
+def scale_sides(tokenizer, image_size: int) -> tuple[int, ...] | None:
     """Side of each scale's token map for multi-scale tokenizers, else None."""
-    return tuple(tokenizer.config.patch_nums) if isinstance(tokenizer, MultiScaleVQVAE) else None
+    return tokenizer.token_layout(image_size).scale_sides
 
 
 # ---- params in and out ------------------------------------------------------------------------------------------
@@ -170,9 +108,9 @@ def tokenizer_task(
     cfg = loss_cfg or TokenizerLossConfig()
     if cfg.perceptual_weight > 0 and not (frozen and "lpips" in frozen):
         raise ValueError("tokenizer_loss.perceptual_weight > 0 needs the LPIPS params: pass frozen=load_lpips_frozen()")
-    vocab = vocab_size(tokenizer)
-    sides = scale_sides(tokenizer)
+    vocab = tokenizer.vocab_size
     image = example_image(tokenizer, image_size)
+    sides = scale_sides(tokenizer, image.shape[1])
     disc = PatchDiscriminator(ndf=cfg.disc_ndf, n_layers=cfg.disc_layers, norm=cfg.disc_norm) if cfg.use_gan else None
     rec_term = REC_LOSSES[cfg.rec_loss]
 
@@ -200,7 +138,7 @@ def tokenizer_task(
     def loss_fn(params, batch, ctx: LossContext):
         img = batch["image"]
         variables = ctx.model_state["variables"]
-        last = last_layer_path(tokenizer)
+        last = tuple(tokenizer.last_layer)
 
         def forward(w):
             p = _with_leaf(params["tokenizer"], last, w)
@@ -333,7 +271,7 @@ def evaluate_tokenizer(
     """Reconstruction quality of `tokenizer` (inference params) on `images` `[N, H, W, 3]` in [-1, 1]: mean PSNR (dB),
     SSIM, LPIPS (when `lpips_params` is given), and codebook usage (fraction of the codes used over all N images),
     perplexity, and per-scale usage for multi-scale tokenizers."""
-    vocab, sides = vocab_size(tokenizer), scale_sides(tokenizer)
+    vocab, sides = tokenizer.vocab_size, scale_sides(tokenizer, images.shape[1])
 
     @jax.jit
     def run(x):

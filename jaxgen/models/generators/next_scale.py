@@ -2,10 +2,12 @@
 
 Sequence layout: the S scales' token maps (p_k x p_k, row-major) concatenated, L = sum p_k^2 tokens; token 0 is the
 class "start" token, the others are the teacher-forcing inputs `[B, L - p_0^2, Cvae]` (see
-`MultiScaleResidualQuantizer.teacher_forcing_input`). Attention is scale-causal: a token sees its own scale and all
-coarser ones. It runs on `NextScaleConfig.attn_backend` (`jaxgen.models.attention.attention`: "xla" | "cudnn" |
-"pallas") in teacher forcing (the static `[L, L]` scale-causal mask) and in KV-cached sampling (`decode_scale`: no
-mask, the keys being exactly the cache so far plus this scale). Parameter names follow upstream
+`MultiScaleResidualQuantizer.teacher_forcing_input`). The attention mask is `NextScaleConfig.attn_mask`:
+"scale_causal" (VAR: a token sees its own scale and all coarser ones) or "scale_block_diagonal" (HMAR: its own scale
+only), so the Markov variant is this module with another mask. Attention runs on `NextScaleConfig.attn_backend`
+(`jaxgen.models.attention.attention`: "xla" | "cudnn" | "pallas") in teacher forcing (the static `[L, L]` mask) and
+in sampling (`decode_scale`: no mask, the keys being exactly the KV cache so far (scale_causal; none with the Markov
+mask) plus this scale). Parameter names follow upstream
 (`blocks_3/attn/mat_qkv` for `blocks.3.attn.mat_qkv`).
 
 Logical axes (`jaxgen.parallel.rules`): width C 'embed', packed q|k|v 'qkv', heads * head_dim 'heads', FFN hidden
@@ -22,11 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int
 
-from jaxgen.models.attention import attention, check_backend, l2_normalize
-from jaxgen.models.layers import constrain, logical
+from jaxgen.models.attention import attention, attention_mask, check_backend, check_mask
+from jaxgen.models.layers import dense, l2_normalize, layer_norm
+from jaxgen.parallel.logical import constrain, logical
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per block: (k, v), each [B, H, L_so_far, head_dim]
 
@@ -52,10 +54,15 @@ class NextScaleConfig:
     # attention kernel, see `jaxgen.models.attention.attention`: "xla" (dense masked), "cudnn" (GPU, bf16/fp16),
     # "pallas" (block-sparse: skips the tiles the scale-causal mask leaves empty)
     attn_backend: str = "xla"
+    # which tokens a token sees (`jaxgen.models.attention.attention_mask`): "scale_causal" (VAR: its scale and the
+    # coarser ones, KV-cached sampling) or "scale_block_diagonal" (HMAR's Markov mask: its own scale only, each scale
+    # sampled in its own forward pass)
+    attn_mask: str = "scale_causal"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
         check_backend(self.attn_backend, "NextScaleConfig.attn_backend")
+        check_mask(self.attn_mask, ("scale_causal", "scale_block_diagonal"), "NextScaleConfig.attn_mask")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"NextScaleConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
@@ -64,6 +71,11 @@ class NextScaleConfig:
     @property
     def seq_len(self) -> int:
         return sum(p * p for p in self.patch_nums)
+
+    @property
+    def kv_cached(self) -> bool:
+        """Whether sampling keeps the coarser scales' keys: yes with "scale_causal", no with the Markov mask."""
+        return self.attn_mask == "scale_causal"
 
     @property
     def first_l(self) -> int:
@@ -81,26 +93,9 @@ def level_ids(patch_nums) -> np.ndarray:
     return np.concatenate([np.full(p * p, k, np.int32) for k, p in enumerate(patch_nums)])
 
 
-def scale_causal_mask(patch_nums) -> np.ndarray:
-    """`[L, L]` bool, True where the key's scale <= the query's scale."""
-    lvl = level_ids(patch_nums)
-    return lvl[None, :] <= lvl[:, None]
-
-
-def next_scale_loss(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B L"]) -> Float[Array, ""]:
-    """Mean token cross-entropy over `[B, L]` (VAR weighs every token of every scale equally)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
-
-
 # ---- initialisers (VAR's init_weights) ----------------------------------------------------------------------------
 def _trunc(std: float):
     return nn.initializers.truncated_normal(std)
-
-
-def _dense(features: int, kernel_init, names: tuple[str, str], use_bias: bool = True, **kw) -> nn.Dense:
-    """nn.Dense with logical axis names (in, out) on the kernel and (out,) on the (zero-initialised) bias."""
-    bias_init = logical(nn.initializers.zeros_init(), names[1:])
-    return nn.Dense(features, use_bias=use_bias, kernel_init=logical(kernel_init, names), bias_init=bias_init, **kw)
 
 
 def _ada_lin_init(std: float, width: int, gamma_gain: float = 1e-5, gain: float = 0.5):
@@ -132,7 +127,9 @@ class SelfAttention(nn.Module):
         b, seq, c = x_blc.shape
         h, hd = self.num_heads, c // self.num_heads
         qkv_init = _trunc(self.init_std)
-        qkv = _dense(3 * c, qkv_init, ("embed", "qkv"), use_bias=False, dtype=self.dtype, name="mat_qkv")(x_blc)
+        qkv = dense(3 * c, ("embed", "qkv"), kernel_init=qkv_init, use_bias=False, dtype=self.dtype, name="mat_qkv")(
+            x_blc
+        )
         q_bias = self.param("q_bias", logical(nn.initializers.zeros, ("heads",)), (c,))
         v_bias = self.param("v_bias", logical(nn.initializers.zeros, ("heads",)), (c,))
         qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
@@ -152,7 +149,7 @@ class SelfAttention(nn.Module):
             v = jnp.concatenate([cache[1], v], axis=2)
         out = attention(q, k, v, mask=mask_ll, scale=scale, backend=self.attn_backend)
         out = constrain(jnp.transpose(out, (0, 2, 1, 3)).reshape(b, seq, c), ("batch", "length", "heads"))
-        out = _dense(c, _trunc(self.out_std), ("heads", "embed"), dtype=self.dtype, name="proj")(out)
+        out = dense(c, ("heads", "embed"), kernel_init=_trunc(self.out_std), dtype=self.dtype, name="proj")(out)
         return out.astype(jnp.float32), (k, v)
 
 
@@ -165,13 +162,11 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        h = _dense(self.hidden, _trunc(self.init_std), ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        h = dense(self.hidden, ("embed", "mlp"), kernel_init=_trunc(self.init_std), dtype=self.dtype, name="fc1")(x)
         h = constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
-        return _dense(c, _trunc(self.out_std), ("mlp", "embed"), dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
-
-
-def _layer_norm(eps: float) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False)
+        return dense(c, ("mlp", "embed"), kernel_init=_trunc(self.out_std), dtype=self.dtype, name="fc2")(h).astype(
+            jnp.float32
+        )
 
 
 def _drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -208,10 +203,10 @@ class AdaLNSelfAttn(nn.Module):
             gss = self.param("ada_gss", logical(nn.initializers.normal(c**-0.5), (None, "embed")), (6, c)) + cond
         else:  # cond: [B, D]
             ada_init = _ada_lin_init(self.init_std, c)
-            gss = _dense(6 * c, ada_init, ("embed", "adaln"), name="ada_lin")(nn.silu(cond))
+            gss = dense(6 * c, ("embed", "adaln"), kernel_init=ada_init, name="ada_lin")(nn.silu(cond))
             gss = gss.reshape(-1, 6, c)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (gss[:, None, i] for i in range(6))  # [B, 1, C]
-        ln = _layer_norm(self.norm_eps)
+        ln = layer_norm(self.norm_eps, affine=False)
         rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
         rngs = jax.random.split(rng) if rng is not None else (None, None)
         attn_out, kv = SelfAttention(
@@ -241,9 +236,9 @@ class AdaLNBeforeHead(nn.Module):
     @nn.compact
     def __call__(self, x_blc, cond_bd):
         c = x_blc.shape[-1]
-        ss = _dense(2 * c, _trunc(self.init_std * 0.5), ("embed", "adaln"), name="ada_lin")(nn.silu(cond_bd))
+        ss = dense(2 * c, ("embed", "adaln"), kernel_init=_trunc(self.init_std * 0.5), name="ada_lin")(nn.silu(cond_bd))
         scale, shift = ss.reshape(-1, 2, c)[:, None, 0], ss.reshape(-1, 2, c)[:, None, 1]
-        return _layer_norm(self.norm_eps)(x_blc) * (1 + scale) + shift
+        return layer_norm(self.norm_eps, affine=False)(x_blc) * (1 + scale) + shift
 
 
 class NextScaleTransformer(nn.Module):
@@ -257,14 +252,14 @@ class NextScaleTransformer(nn.Module):
         dtype = jnp.dtype(c.dtype)
         init_std = math.sqrt(1 / w / 3)
         out_std = init_std / math.sqrt(2 * c.depth)
-        self.word_embed = _dense(w, _trunc(init_std), ("latent", "embed"))
+        self.word_embed = dense(w, ("latent", "embed"), kernel_init=_trunc(init_std))
         # last row of class_emb: the null class
         self.class_emb = nn.Embed(c.num_classes + 1, w, embedding_init=logical(_trunc(init_std), ("classes", "embed")))
         self.pos_start = self.param("pos_start", logical(_trunc(init_std), ("length", "embed")), (c.first_l, w))
         self.pos_1LC = self.param("pos_1LC", logical(_trunc(init_std), ("length", "embed")), (c.seq_len, w))
         self.lvl_embed = nn.Embed(len(c.patch_nums), w, embedding_init=logical(_trunc(init_std), ("scales", "embed")))
         if c.shared_aln:
-            self.shared_ada_lin = _dense(6 * w, _ada_lin_init(init_std, w), ("embed", "adaln"))
+            self.shared_ada_lin = dense(6 * w, ("embed", "adaln"), kernel_init=_ada_lin_init(init_std, w))
         dpr = np.linspace(0, c.drop_path_rate, c.depth)
         self.blocks = [
             AdaLNSelfAttn(
@@ -283,7 +278,7 @@ class NextScaleTransformer(nn.Module):
             for i in range(c.depth)
         ]
         self.head_nm = AdaLNBeforeHead(c.norm_eps, init_std)
-        self.head = _dense(c.vocab_size, _trunc(init_std * 0.02), ("embed", "vocab"))
+        self.head = dense(c.vocab_size, ("embed", "vocab"), kernel_init=_trunc(init_std * 0.02))
 
     # ---- pieces shared by teacher forcing and sampling --------------------------------------------------------------
     def level_pos(self) -> jax.Array:
@@ -316,11 +311,12 @@ class NextScaleTransformer(nn.Module):
         return logits.astype(jnp.float32), new_caches
 
     def decode_scale(self, x_blc: jax.Array, cond_bd: jax.Array, caches: KVCache | None):
-        """One sampling step: this scale's tokens attend to the cache and themselves (no mask needed).
+        """One sampling step: this scale's tokens attend to `caches` (the coarser scales' keys; None with the Markov
+        mask, whose tokens see only their own scale) and themselves, with no mask.
 
         The keys are the cache concatenated with this scale's own (a static length per scale, the scale loop being
         unrolled), so every key is valid: the mask is all-True, static, and every backend runs it (with 'pallas'
-        as a full `[p^2, L_so_far]` mask)."""
+        as a full `[p^2, L_so_far]` mask). Returns (logits `[B, p^2, V]`, the cache including this scale)."""
         return self.trunk(x_blc, cond_bd, None, caches)
 
     def __call__(
@@ -339,5 +335,5 @@ class NextScaleTransformer(nn.Module):
         cond = self.cond_embed(labels_b)
         sos = cond[:, None] + self.pos_start[None]
         x = jnp.concatenate([sos, self.word_embed(x_blcv.astype(jnp.float32))], axis=1) + self.level_pos()[None]
-        logits, _ = self.trunk(x, cond, scale_causal_mask(c.patch_nums), None, train)
+        logits, _ = self.trunk(x, cond, attention_mask(c.attn_mask, c.seq_len, c.patch_nums), None, train)
         return logits

@@ -28,11 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int
 
-from jaxgen.models.attention import attention, check_backend
-from jaxgen.models.layers import RMSNorm, apply_rope, constrain, logical, rope_1d_table, rope_2d_table
+from jaxgen.models.attention import attention, attention_mask, check_backend, check_mask
+from jaxgen.models.layers import RMSNorm, apply_rope, dense, rope_1d_table, rope_2d_table
+from jaxgen.parallel.logical import constrain, logical
 
 # Per layer (k, v), each [B, kv_heads, max_len, head_dim] in the compute dtype; slot p holds sequence position p.
 # Head-major, so a decode step reads each head's keys contiguously (no per-step transpose of the cache).
@@ -61,9 +61,13 @@ class NextTokenConfig:
     # attention kernel, see `jaxgen.models.attention.attention`: "xla" (dense masked), "cudnn" (GPU, bf16/fp16),
     # "pallas" (block-sparse, skips the empty tiles of the causal mask); `decode_step` is always dense
     attn_backend: str = "xla"
+    # which positions a position sees in teacher forcing (`jaxgen.models.attention.attention_mask`): "causal"
+    # (next-token prediction; what the KV-cached sampler needs) or "full" (a bidirectional model)
+    attn_mask: str = "causal"
 
     def __post_init__(self):
         check_backend(self.attn_backend, "NextTokenConfig.attn_backend")
+        check_mask(self.attn_mask, ("causal", "full"), "NextTokenConfig.attn_mask")
         if self.dim % self.n_head:
             raise ValueError(f"NextTokenConfig: dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
@@ -138,11 +142,6 @@ class NextTokenConfig:
         return rope_1d_table(self.block_size, self.head_dim, self.rope_base, self.cls_token_num)
 
 
-def next_token_loss(logits_blv: Float[Array, "B L V"], targets_bl: Int[Array, "B L"]) -> Float[Array, ""]:
-    """Mean token cross-entropy over `[B, L]` (upstream's loss): logits at position p predict `targets[:, p]`."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), targets_bl).mean()
-
-
 def init_cache(config: NextTokenConfig, batch: int, max_len: int | None = None) -> KVCache:
     """Zeros: per layer (k, v), each `[batch, kv_heads, max_len, head_dim]` in the compute dtype.
 
@@ -153,44 +152,9 @@ def init_cache(config: NextTokenConfig, batch: int, max_len: int | None = None) 
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
 
 
-def grouped_attention(
-    q_blhd: Float[Array, "B Lq H D"],
-    k_bksd: Float[Array, "B K Lk D"],
-    v_bksd: Float[Array, "B K Lk D"],
-    mask: np.ndarray | jax.Array,
-    scale: float,
-) -> Float[Array, "B Lq H D"]:
-    """softmax(scale q k^T, masked) v with grouped KV heads: query head h reads KV head h // (H / K) (upstream's
-    `repeat_interleave`), without materialising the repeated keys. `mask` is boolean, True = may attend,
-    broadcastable to `[B, 1, 1, Lq, Lk]` (e.g. `[Lq, Lk]`). Logits and softmax in float32; output in v's dtype.
-
-    (`jaxgen.models.attention.attention(backend="xla")` takes `[B, H, L, D]` and repeats grouped kv heads; this
-    layout avoids transposing and repeating the KV cache at every decode step. It is the "xla" backend of
-    `Attention` below.)"""
-    b, lq, h, d = q_blhd.shape
-    kvh = k_bksd.shape[1]
-    q = q_blhd.reshape(b, lq, kvh, h // kvh, d)
-    logits = jnp.einsum("bqkgd,bksd->bkgqs", q, k_bksd, preferred_element_type=jnp.float32) * np.float32(scale)
-    logits = jnp.where(jnp.asarray(mask), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v_bksd.dtype)
-    out = jnp.einsum("bkgqs,bksd->bqkgd", weights, v_bksd)
-    return out.reshape(b, lq, h, d)
-
-
-def _dense(features: int, dtype, names: tuple[str, str], std: float = 0.02, name: str | None = None) -> nn.Dense:
-    """Bias-free nn.Dense, kernel N(0, std^2) with logical axis names (in, out)."""
-    kernel_init = logical(nn.initializers.normal(std), names)
-    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
-
-
-def _attend(q_blhd, k_bksd, v_bksd, mask, scale: float, backend: str) -> jax.Array:
-    """`[B, L, H, hd]` attention output by backend. "xla" is `grouped_attention` (the dense path, unchanged: no
-    transpose of q, no repeat of the KV cache); "cudnn" / "pallas" go through `jaxgen.models.attention.attention`
-    in its `[B, H, L, D]` layout, with the grouped kv heads passed as they are."""
-    if backend == "xla":
-        return grouped_attention(q_blhd, k_bksd, v_bksd, mask, scale)
-    out = attention(jnp.swapaxes(q_blhd, 1, 2), k_bksd, v_bksd, mask=mask, scale=scale, backend=backend)
-    return jnp.swapaxes(out, 1, 2)
+def _dense(features: int, dtype, names: tuple[str, str], name: str | None = None) -> nn.Dense:
+    """Bias-free Dense, kernel N(0, 0.02^2) (upstream's init)."""
+    return dense(features, names, kernel_init=nn.initializers.normal(0.02), use_bias=False, dtype=dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -225,7 +189,8 @@ class Attention(nn.Module):
         k, v = (constrain(t, ("batch", "heads", "length", "kv")) for t in (k, v))
         new_cache = None if cache is None else (k, v)
         backend = self.attn_backend if backend is None else backend
-        out = constrain(_attend(q, k, v, mask, 1.0 / math.sqrt(hd), backend), ("batch", "length", "heads", "kv"))
+        out = attention(jnp.swapaxes(q, 1, 2), k, v, mask=mask, scale=1.0 / math.sqrt(hd), backend=backend)
+        out = constrain(jnp.swapaxes(out, 1, 2), ("batch", "length", "heads", "kv"))  # [B, L, H, hd]
         out = _dense(c, self.dtype, ("heads", "embed"), name="wo")(out.reshape(b, seq, c))
         return out.astype(jnp.float32), new_cache
 
@@ -331,7 +296,7 @@ class NextTokenTransformer(nn.Module):
             labels_b = jnp.where(drop, c.null_class, labels_b)
         x = jnp.concatenate([self.cls_embedding(labels_b)[:, None], self.tok_embeddings(tokens_bl)], axis=1)
         rope = jnp.asarray(c.rope_table()[:n])
-        logits, _ = self._trunk(x, rope, np.tril(np.ones((n, n), bool)))
+        logits, _ = self._trunk(x, rope, attention_mask(c.attn_mask, n))
         return logits
 
     def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:

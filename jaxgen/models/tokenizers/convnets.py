@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.models.layers import constrain, logical
 from jaxgen.models.tokenizers.resize import nearest_upsample_2x
+from jaxgen.parallel.logical import constrain, logical
 
 NUM_GROUPS = 32  # every GroupNorm in this family has 32 groups
 GN_EPS = 1e-6

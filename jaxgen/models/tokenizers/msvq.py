@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxgen.models.layers import constrain
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
+from jaxgen.models.tokenizers.protocol import TokenLayout
 from jaxgen.models.tokenizers.quantizers import MultiScaleResidualQuantizer, check_codebook_options
+from jaxgen.parallel.logical import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,26 @@ class MSVQConfig:
 
 
 class MultiScaleVQVAE(nn.Module):
+    """VAR's tokenizer; implements `jaxgen.models.tokenizers.protocol.Tokenizer` (ids: the scales concatenated,
+    coarse first)."""
+
     config: MSVQConfig
+    last_layer = ("decoder", "conv_out", "kernel")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def token_layout(self, image_size: int) -> TokenLayout:
+        """The scales' token maps at `image_size` px, which must be patch_nums[-1] x the downsampling."""
+        c = self.config
+        if image_size != c.image_size:
+            raise ValueError(
+                f"data.image_size={image_size} does not fit the tokenizer: patch_nums[-1]={c.patch_nums[-1]} x "
+                f"downsample {c.downsample} (2^(len(ch_mult)-1)) = {c.image_size} px. Set data.image_size="
+                f"{c.image_size} or change the tokenizer's patch_nums / ch_mult."
+            )
+        return TokenLayout(sum(p * p for p in c.patch_nums), scale_sides=c.patch_nums)
 
     def setup(self):
         c = self.config
@@ -104,6 +124,15 @@ class MultiScaleVQVAE(nn.Module):
     def img_to_indices(self, img_bhwc: Float[Array, "B H W 3"]) -> list[Int[Array, "B l"]]:
         """Image -> per-scale token ids, a list of `[B, p*p]` int32."""
         return self.quantize.quantize(self.encode(img_bhwc))[0]
+
+    def encode_ids(self, img_bhwc: Float[Array, "B H W 3"]) -> Int[Array, "B L"]:
+        """Image -> ids `[B, L]` int32, the scales concatenated coarse first."""
+        return jnp.concatenate(self.img_to_indices(img_bhwc), axis=1)
+
+    def decode_ids(self, ids_bl: Int[Array, "B L"]) -> Float[Array, "B H W 3"]:
+        """Ids `[B, L]` (scales concatenated) -> raw decoder output `[B, H, W, 3]` (not clamped)."""
+        layout = TokenLayout(sum(p * p for p in self.config.patch_nums), scale_sides=self.config.patch_nums)
+        return self.fhat_to_img(self.quantize.indices_to_fhat(layout.split_scales(ids_bl)))
 
     def fhat_to_img(self, f_hat: Float[Array, "B P P C"]) -> Float[Array, "B H W 3"]:
         """f_hat `[B, P, P, Cvae]` -> raw decoder output `[B, H, W, 3]` (not clamped)."""

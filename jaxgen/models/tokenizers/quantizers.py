@@ -17,6 +17,12 @@ Codebook training, per quantizer (`ema_decay`):
   * `dead_code_threshold` > 0 (EMA only): in an update, every code whose EMA `cluster_size` falls below the threshold
     is restarted from a random vector of the batch; needs `rngs={"codebook": key}`. The number of restarted codes is
     sown as `intermediates/.../restarted_codes` (int32 scalar).
+  * One update per train step, also with gradient accumulation: a step of A micro-batches traces each micro-batch's
+    forward inside `micro_batch(i, A)` (jaxgen.train.step does), and the update then equals the one the whole batch
+    would make: micro-batch 0 decays the statistics once, every micro-batch adds its counts and sums, and the last
+    recomputes `embedding` and restarts dead codes (from its own vectors). Until then `embedding` stays the codebook
+    of the step's start, so every micro-batch looks up the codes the whole batch would. `restarted_codes` is sown
+    only by the last micro-batch, times A, so that the step's mean over its micro-batches is the step's count.
 `lookup` sows `intermediates/.../code_logits` `[N, V]` float32 (one entry per call: MSVQ sows one per scale), with the
 same argmax as the returned ids and gradients flowing to the looked-up vectors; a no-op unless "intermediates" is
 mutable.
@@ -24,16 +30,18 @@ mutable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.models.layers import logical
 from jaxgen.models.tokenizers.convnets import conv
 from jaxgen.models.tokenizers.resize import area_resize, bicubic_resize
+from jaxgen.parallel.logical import logical
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -60,6 +68,23 @@ def codebook_init(key, shape, dtype=jnp.float32):
 CODEBOOK_INIT = logical(codebook_init, ("codebook", "latent"))
 CODEBOOK_COLLECTION = "codebook"  # variable collection of the EMA codebook (also the name of its PRNG stream)
 LAPLACE_EPS = 1e-5  # additive smoothing of the EMA cluster sizes
+
+# (micro-batch index: int32 [] (may be traced), micro-batches per step: int) while a micro-batch's forward is traced
+_MICRO_BATCH: contextvars.ContextVar[tuple[jax.Array, int] | None] = contextvars.ContextVar(
+    "jaxgen_codebook_micro_batch", default=None
+)
+
+
+@contextlib.contextmanager
+def micro_batch(index: jax.Array | int, count: int) -> Iterator[None]:
+    """Trace, inside this block, the training forward of micro-batch `index` (int32 [], may be a tracer of the
+    enclosing scan) of a train step of `count` micro-batches: EMA codebooks then make one update per step, the one
+    the whole batch would make (module docstring). Read at trace time; outside it every forward is a whole step."""
+    token = _MICRO_BATCH.set((jnp.asarray(index, jnp.int32), int(count)))
+    try:
+        yield
+    finally:
+        _MICRO_BATCH.reset(token)
 
 
 def check_codebook_options(ema_decay: float, dead_code_threshold: float, where: str = "quantizer") -> None:
@@ -111,6 +136,9 @@ def _ema_update(module: nn.Module, emb, size, esum, z_nc: jax.Array, idx_n: jax.
 
     Data parallel: the batch is one global (jitted, sharded) array, so the segment sums below are already sums over the
     global batch (XLA inserts the cross-device reduction); no pmean is needed.
+
+    Inside `micro_batch(i, A)` with A > 1 this is the share of micro-batch i in the step's one update: the decay only
+    at i = 0, the new embedding and the restarts only at i = A - 1 (so the A calls add up to the whole batch's update).
     """
     decay, threshold = float(module.ema_decay), float(module.dead_code_threshold)
     z = jax.lax.stop_gradient(z_nc.astype(jnp.float32))
@@ -118,8 +146,15 @@ def _ema_update(module: nn.Module, emb, size, esum, z_nc: jax.Array, idx_n: jax.
     v = size.value.shape[0]
     counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, num_segments=v)
     sums = jax.ops.segment_sum(z, idx, num_segments=v)
-    cluster_size = decay * size.value + (1.0 - decay) * counts
-    embed_sum = decay * esum.value + (1.0 - decay) * sums
+    micro = _MICRO_BATCH.get()
+    if micro is not None and micro[1] > 1:
+        index, count = micro
+        step_decay = jnp.where(index == 0, decay, 1.0)  # decay once per step; later micro-batches only add
+        last = index == count - 1
+    else:
+        count, step_decay, last = 1, decay, None
+    cluster_size = step_decay * size.value + (1.0 - decay) * counts
+    embed_sum = step_decay * esum.value + (1.0 - decay) * sums
     dead = new = None
     if threshold > 0.0:
         if not module.has_rng(CODEBOOK_COLLECTION):
@@ -132,14 +167,19 @@ def _ema_update(module: nn.Module, emb, size, esum, z_nc: jax.Array, idx_n: jax.
         pick = jax.random.permutation(key, n)[:v] if n >= v else jax.random.randint(key, (v,), 0, n)
         new = z[pick]
         dead = cluster_size < threshold
+        if last is not None:  # restarts at the step's last micro-batch only
+            dead = dead & last
         cluster_size = jnp.where(dead, threshold, cluster_size)
         embed_sum = jnp.where(dead[:, None], threshold * new, embed_sum)
-        module.sow("intermediates", "restarted_codes", jnp.sum(dead, dtype=jnp.int32))
+        # x count: the step averages its micro-batches' metrics, and only the last one restarts
+        module.sow("intermediates", "restarted_codes", jnp.sum(dead, dtype=jnp.int32) * count)
     total = jnp.sum(cluster_size)
     smoothed = (cluster_size + LAPLACE_EPS) / (total + v * LAPLACE_EPS) * total
     embedding = embed_sum / smoothed[:, None]
     if dead is not None:
         embedding = jnp.where(dead[:, None], new, embedding)
+    if last is not None:  # until the last micro-batch, lookups keep the codebook of the step's start
+        embedding = jnp.where(last, embedding, emb.value)
     emb.value, size.value, esum.value = embedding, cluster_size, embed_sum
 
 

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxgen.models.attention import dot_product_attention
-from jaxgen.models.layers import constrain, logical
+from jaxgen.models.layers import dense, layer_norm
 from jaxgen.models.tokenizers.convnets import conv
+from jaxgen.models.tokenizers.protocol import TokenLayout
 from jaxgen.models.tokenizers.quantizers import VectorQuantizer, check_codebook_options
+from jaxgen.parallel.logical import constrain, logical
 
 TOKEN_AXES = ("batch", "length", "embed")  # logical axes of a token sequence [B, L, D]
 
@@ -77,29 +79,6 @@ class TiTokConfig:
 
 
 # ---- building blocks ----------------------------------------------------------------------------------------------
-def _dense(features: int, names: tuple[str | None, str | None], dtype: Any, name: str) -> nn.Dense:
-    """nn.Dense (lecun-normal kernel, zero bias) with logical axis names (in, out) on the kernel, (out,) on the bias."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        kernel_init=logical(nn.linear.default_kernel_init, names),
-        bias_init=logical(nn.initializers.zeros_init(), names[1:]),
-        name=name,
-    )
-
-
-def _layer_norm(name: str) -> nn.LayerNorm:
-    """LayerNorm (eps 1e-5, two-pass variance) computed in float32."""
-    return nn.LayerNorm(
-        epsilon=1e-5,
-        use_fast_variance=False,
-        dtype=jnp.float32,
-        scale_init=logical(nn.initializers.ones_init(), ("norm",)),
-        bias_init=logical(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
-
-
 def _table(module: nn.Module, name: str, rows: int, width: int, names=("length", "embed")) -> jax.Array:
     """A learned `[rows, width]` float32 table drawn N(0, 1/width), as TiTok initialises its embeddings."""
     init = nn.initializers.normal(width**-0.5)
@@ -121,22 +100,22 @@ class ViTBlock(nn.Module):
         h, hd = self.num_heads, d // self.num_heads
         x_bld = constrain(x_bld, TOKEN_AXES)
 
-        y = _layer_norm("ln_1")(x_bld).astype(self.dtype)
+        y = layer_norm(1e-5, name="ln_1")(x_bld).astype(self.dtype)
         q, k, v = (
             constrain(
-                _dense(d, ("embed", "heads"), self.dtype, n)(y).reshape(b, seq, h, hd).transpose(0, 2, 1, 3),
+                dense(d, ("embed", "heads"), dtype=self.dtype, name=n)(y).reshape(b, seq, h, hd).transpose(0, 2, 1, 3),
                 ("batch", "heads", "length", "kv"),
             )
             for n in ("query", "key", "value")
         )
         att = dot_product_attention(q, k, v, scale=hd**-0.5)  # [B, H, L, hd]
         att = constrain(att.transpose(0, 2, 1, 3).reshape(b, seq, d), ("batch", "length", "heads"))
-        x_bld = x_bld + _dense(d, ("heads", "embed"), self.dtype, "out")(att).astype(jnp.float32)
+        x_bld = x_bld + dense(d, ("heads", "embed"), dtype=self.dtype, name="out")(att).astype(jnp.float32)
 
-        y = _layer_norm("ln_2")(x_bld).astype(self.dtype)
-        y = _dense(int(d * self.mlp_ratio), ("embed", "mlp"), self.dtype, "fc1")(y)
+        y = layer_norm(1e-5, name="ln_2")(x_bld).astype(self.dtype)
+        y = dense(int(d * self.mlp_ratio), ("embed", "mlp"), dtype=self.dtype, name="fc1")(y)
         y = constrain(nn.gelu(y, approximate=False), ("batch", "length", "mlp"))
-        x_bld = x_bld + _dense(d, ("mlp", "embed"), self.dtype, "fc2")(y).astype(jnp.float32)
+        x_bld = x_bld + dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(y).astype(jnp.float32)
         return constrain(x_bld, TOKEN_AXES)
 
 
@@ -152,7 +131,7 @@ class ViT(nn.Module):
     def __call__(self, x_bld: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         for i in range(self.depth):
             x_bld = ViTBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(x_bld)
-        return _layer_norm("ln_post")(x_bld)
+        return layer_norm(1e-5, name="ln_post")(x_bld)
 
 
 class TiTokEncoder(nn.Module):
@@ -172,7 +151,7 @@ class TiTokEncoder(nn.Module):
         latents = _table(self, "latent_tokens", k, c.width) + _table(self, "latent_pos_embed", k, c.width)
         x = jnp.concatenate([patches, jnp.broadcast_to(latents, (b, k, c.width))], axis=1)  # [B, P + K, D]
         x = ViT(c.depth, c.num_heads, c.mlp_ratio, dtype, name="transformer")(constrain(x, TOKEN_AXES))
-        z = _dense(c.codebook_embed_dim, ("embed", "latent"), dtype, "to_latent")(x[:, p:].astype(dtype))
+        z = dense(c.codebook_embed_dim, ("embed", "latent"), dtype=dtype, name="to_latent")(x[:, p:].astype(dtype))
         return z.astype(jnp.float32)
 
 
@@ -190,12 +169,16 @@ class TiTokDecoder(nn.Module):
         dtype = jnp.dtype(c.dtype)
         b, k, g, ps = quant_bkc.shape[0], c.num_tokens, c.grid, c.patch_size
         p = g * g
-        lat = _dense(c.width, ("latent", "embed"), dtype, "from_latent")(quant_bkc.astype(dtype)).astype(jnp.float32)
+        lat = dense(c.width, ("latent", "embed"), dtype=dtype, name="from_latent")(quant_bkc.astype(dtype)).astype(
+            jnp.float32
+        )
         lat = lat + _table(self, "latent_pos_embed", k, c.width)
         mask = _table(self, "mask_token", 1, c.width, (None, "embed")) + _table(self, "pos_embed", p, c.width)
         x = jnp.concatenate([jnp.broadcast_to(mask, (b, p, c.width)), lat], axis=1)  # [B, P + K, D]
         x = ViT(c.depth, c.num_heads, c.mlp_ratio, dtype, name="transformer")(constrain(x, TOKEN_AXES))
-        out = _dense(ps * ps * 3, ("embed", None), dtype, "to_pixels")(x[:, :p].astype(dtype)).astype(jnp.float32)
+        out = dense(ps * ps * 3, ("embed", None), dtype=dtype, name="to_pixels")(x[:, :p].astype(dtype)).astype(
+            jnp.float32
+        )
         out = out.reshape(b, g, g, ps, ps, 3).transpose(0, 1, 3, 2, 4, 5)  # [B, gy, py, gx, px, 3]
         return out.reshape(b, g * ps, g * ps, 3)
 
@@ -205,7 +188,20 @@ class TiTok(nn.Module):
     """1D tokenizer: image `[B, S, S, 3]` <-> K token ids `[B, K]` (API mirrors `VQGAN`, without the 2D grid)."""
 
     config: TiTokConfig
-    LAST_LAYER = ("decoder", "to_pixels", "kernel")  # where VQGAN's adaptive GAN weight is measured
+    last_layer = ("decoder", "to_pixels", "kernel")  # where VQGAN's adaptive GAN weight is measured
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.codebook_size
+
+    def token_layout(self, image_size: int) -> TokenLayout:
+        """K 1D tokens of an image of exactly `config.image_size` px."""
+        if image_size != self.config.image_size:
+            raise ValueError(
+                f"data.image_size={image_size} does not fit the tokenizer: titok.image_size="
+                f"{self.config.image_size}. Set one to the other."
+            )
+        return TokenLayout(self.config.num_tokens)
 
     def setup(self):
         c = self.config
@@ -258,8 +254,12 @@ class TiTok(nn.Module):
         self._check_latents(idx_bk, "token ids", ())
         return self.decode(self.quantize.codes(idx_bk, (1, self.config.num_tokens))[:, 0])
 
-    def decode_tokens(self, idx_bk: Int[Array, "B K"]) -> Float[Array, "B S S 3"]:
-        """Token ids -> raw image: the tokenizer-generic decode the samplers call (= `decode_code`)."""
+    def encode_ids(self, img_bhwc: Float[Array, "B S S 3"]) -> Int[Array, "B K"]:
+        """Image -> token ids `[B, K]` int32."""
+        return self.encode(img_bhwc)[1]
+
+    def decode_ids(self, idx_bk: Int[Array, "B K"]) -> Float[Array, "B S S 3"]:
+        """Token ids -> raw image (= `decode_code`)."""
         return self.decode_code(idx_bk)
 
     def codebook(self) -> Float[Array, "V C"]:

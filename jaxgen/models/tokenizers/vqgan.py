@@ -14,9 +14,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxgen.models.layers import constrain
 from jaxgen.models.tokenizers.convnets import Decoder, Encoder, conv
+from jaxgen.models.tokenizers.protocol import TokenLayout
 from jaxgen.models.tokenizers.quantizers import VectorQuantizer, check_codebook_options
+from jaxgen.parallel.logical import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,25 @@ class VQConfig:
 
 
 class VQGAN(nn.Module):
+    """LlamaGen's VQ tokenizer; implements `jaxgen.models.tokenizers.protocol.Tokenizer` (ids: a square grid,
+    row-major)."""
+
     config: VQConfig
+    last_layer = ("decoder", "conv_out", "kernel")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.codebook_size
+
+    def token_layout(self, image_size: int) -> TokenLayout:
+        """The `(S/d) x (S/d)` token grid of an `S` px image (S a multiple of the downsampling d)."""
+        d = self.config.downsample
+        if image_size % d:
+            raise ValueError(
+                f"data.image_size={image_size} is not a multiple of the VQ's downsampling {d} (2^(len(ch_mult)-1))"
+            )
+        g = image_size // d
+        return TokenLayout(g * g, grid=(g, g))
 
     def setup(self):
         c = self.config
@@ -102,8 +121,12 @@ class VQGAN(nn.Module):
             raise ValueError(f"{idx_bl.shape[-1]} tokens do not fill a {hw[0]}x{hw[1]} grid")
         return self.decode(self.quantize.codes(idx_bl, hw))
 
-    def decode_tokens(self, idx_bl: Int[Array, "B l"]) -> Float[Array, "B H W 3"]:
-        """Token ids `[B, g*g]` of a square grid -> raw image (the tokenizer-generic decode the samplers call)."""
+    def encode_ids(self, img_bhwc: Float[Array, "B H W 3"]) -> Int[Array, "B l"]:
+        """Image -> token ids `[B, h*w]` int32, row-major."""
+        return self.encode(img_bhwc)[1]
+
+    def decode_ids(self, idx_bl: Int[Array, "B l"]) -> Float[Array, "B H W 3"]:
+        """Token ids `[B, g*g]` of a square grid -> raw image (not clamped)."""
         g = math.isqrt(idx_bl.shape[-1])
         return self.decode_code(idx_bl, (g, g))
 
