@@ -15,11 +15,12 @@ import pytest
 import jaxgen.models.attention as attn_mod
 from jaxgen.config_util import load_config
 from jaxgen.families import FAMILIES, param_shapes
-from jaxgen.models.attention import attention, dot_product_attention
-from jaxgen.models.generators.next_scale import NextScaleConfig, next_scale_loss, scale_causal_mask
-from jaxgen.models.generators.next_token import NextTokenConfig, next_token_loss
 from jaxgen.families.llamagen import build as build_llamagen
 from jaxgen.families.var import build as build_var
+from jaxgen.models.attention import attention, attention_mask, dot_product_attention
+from jaxgen.models.generators.next_scale import NextScaleConfig
+from jaxgen.models.generators.next_token import NextTokenConfig
+from jaxgen.models.layers import token_cross_entropy
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 from jaxgen.sampling.next_token import NextTokenSampler, NextTokenSampling
 from tests.helpers import random_params
@@ -32,6 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 # <= 3.6e-7. TOL = 1e-4 (relative to max(1, the largest reference value)) leaves a ~60x margin for other CPUs / XLA
 # versions and still catches any masking, layout or scale error, which moves values by O(0.1-1).
 TOL = 1e-4
+
+
+def scale_causal_mask(patch_nums) -> np.ndarray:
+    """VAR's `[L, L]` mask by the name its config gives it."""
+    return attention_mask("scale_causal", sum(p * p for p in patch_nums), patch_nums)
 
 
 def _rel_close(a, b, tol=TOL):
@@ -61,7 +67,7 @@ def _llamagen(backend: str, n_kv_head: int | None = None):
 def _var_loss_and_grad(var, params, labels, x, targets, key):
     def loss_fn(p):
         logits = var.apply({"params": p}, labels, x, train=True, rngs={"dropout": key})
-        return next_scale_loss(logits, targets), logits
+        return token_cross_entropy(logits, targets), logits
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -70,7 +76,7 @@ def _var_loss_and_grad(var, params, labels, x, targets, key):
 def _gpt_loss_and_grad(gpt, params, labels, tokens, key):
     def loss_fn(p):
         logits = gpt.apply({"params": p}, labels, tokens[:, :-1], train=True, rngs={"dropout": key})
-        return next_token_loss(logits, tokens), logits
+        return token_cross_entropy(logits, tokens), logits
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -296,5 +302,32 @@ def test_cudnn_routing_of_masks_with_a_stand_in_gpu(monkeypatch):
         attention(q, k, v, mask=scale_causal_mask((1, 2, 3, 4)), scale=0.3, backend="cudnn")
 
 
-def test_default_backends_are_xla():
-    assert NextScaleConfig().attn_backend == "xla" and NextTokenConfig().attn_backend == "xla"
+def _forward(model):
+    return lambda params, *args: model.apply({"params": params}, *args)
+
+
+def test_models_that_name_no_backend_run_the_plain_xla_path():
+    """A config that leaves `attn_backend` out gets dense XLA attention: the forward lowers to no custom kernel (it
+    runs on any platform, and XLA can partition it), with logits bit-identical to `attn_backend='xla'`; the same
+    jaxpr check does find the kernel in a Pallas model, so it can fail."""
+    var_cfg = load_config(str(REPO / "configs/var_tiny.py"))
+    var_cfg.vae.ch_mult, var_cfg.vae.num_res_blocks = (1, 2), 1
+    gpt_cfg = load_config(str(REPO / "configs/llamagen_tiny.py"))
+    gpt_cfg.vq.ch_mult, gpt_cfg.vq.num_res_blocks = (1, 2), 1
+    without = lambda section: {k: v for k, v in section.to_dict().items() if k != "attn_backend"}
+    _, var_default = build_var(var_cfg.vae, without(var_cfg.var))
+    _, gpt_default = build_llamagen(gpt_cfg.vq, without(gpt_cfg.gpt))
+    _, var_x, _, var_params = _var("xla")
+    _, gpt_x, _, gpt_params = _llamagen("xla")
+    rng = np.random.default_rng(0)
+    c = var_x.config
+    var_args = (jnp.asarray([1, 4], jnp.int32), jnp.asarray(rng.standard_normal((2, c.seq_len - 1, c.z_channels))))
+    gpt_args = (jnp.asarray([2, 7], jnp.int32), jnp.asarray(rng.integers(0, 64, (2, 15)), jnp.int32))
+    for default, xla, pallas, params, args in (
+        (var_default, var_x, _var("pallas")[1], var_params, var_args),
+        (gpt_default, gpt_x, _llamagen("pallas")[1], gpt_params, gpt_args),
+    ):
+        program = str(jax.make_jaxpr(_forward(default))(params, *args))
+        assert "pallas_call" not in program and "custom_call" not in program
+        assert "pallas_call" in str(jax.make_jaxpr(_forward(pallas))(params, *args))
+        np.testing.assert_array_equal(jax.jit(_forward(default))(params, *args), jax.jit(_forward(xla))(params, *args))

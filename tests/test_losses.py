@@ -26,6 +26,7 @@ from jaxgen.train.losses import (
     non_saturating_g_loss,
     vq_losses,
 )
+from jaxgen.train.losses.config import TokenizerLossConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -59,11 +60,21 @@ def test_adversarial_losses_match_numpy():
     np.testing.assert_allclose(non_saturating_d_loss(real, fake), ns_d, rtol=RTOL)
     np.testing.assert_allclose(hinge_g_loss(fake), -np.mean(f), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(non_saturating_g_loss(fake), np.mean(_softplus(-f)), rtol=RTOL)
-    assert D_LOSSES == {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
-    assert G_LOSSES == {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
-    # extreme logits stay finite
+    # Each name a config may give (tokenizer_loss.disc_loss / gen_loss) is accepted and selects its formula.
+    want_d = {"hinge": hinge_d, "non_saturating": ns_d}
+    want_g = {"hinge": -np.mean(f), "non_saturating": np.mean(_softplus(-f))}
+    assert set(D_LOSSES) == set(want_d) and set(G_LOSSES) == set(want_g)
+    for name in want_d:
+        TokenizerLossConfig(disc_loss=name, gen_loss=name)
+        np.testing.assert_allclose(D_LOSSES[name](real, fake), want_d[name], rtol=RTOL, err_msg=name)
+        np.testing.assert_allclose(G_LOSSES[name](fake), want_g[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    with pytest.raises(ValueError, match=r"tokenizer_loss\.disc_loss='wgan'.*'hinge', 'non_saturating'"):
+        TokenizerLossConfig(disc_loss="wgan")
+    # extreme logits stay exact (no log(sigmoid) underflow to -inf): softplus(1e4) = 1e4, softplus(-1e4) = 0, so
+    # both losses are 0.5 * 1e4 averaged over the pair = 5000
     big = np.array([-1e4, 1e4], np.float32)
-    assert np.isfinite(non_saturating_d_loss(big, big)) and np.isfinite(non_saturating_g_loss(big))
+    np.testing.assert_allclose(non_saturating_d_loss(big, big), 5000.0, rtol=1e-6)
+    np.testing.assert_allclose(non_saturating_g_loss(big), 5000.0, rtol=1e-6)
 
 
 def test_adaptive_weight_hand_computed_and_clipped():
@@ -147,9 +158,12 @@ def test_entropy_loss_limits():
     assert float(aux["per_sample_entropy"]) < 1e-30  # (V-1) e^-100 * 100 terms, ~1e-40
     np.testing.assert_allclose(aux["batch_entropy"], np.log(n), rtol=1e-6)
     np.testing.assert_allclose(loss, -np.log(n), rtol=1e-6)
-    # far more confident logits (e^-1e4 underflows to 0) stay finite, with finite gradients
+    # far more confident logits (e^-1e4 underflows to 0): the same values, and a zero (not NaN) gradient, as the
+    # saturated softmax no longer moves
+    loss, aux = entropy_loss(logits * 100.0)
+    np.testing.assert_allclose([aux["per_sample_entropy"], loss], [0.0, -np.log(n)], rtol=1e-6, atol=1e-30)
     g = jax.grad(lambda x: entropy_loss(x)[0])(logits * 100.0)
-    assert np.all(np.isfinite(g))
+    assert np.all(np.isfinite(g)) and np.abs(g).max() < 1e-12
 
 
 def _images(seed, b=3, h=24, w=20, c=3):

@@ -240,10 +240,11 @@ def test_converter_layout(state_dicts, params):
     expected = jax.tree.map(lambda s: s.shape, lpips_param_shapes())
     assert jax.tree.map(lambda a: a.shape, params) == expected
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in jax.tree.leaves(params))
-    assert vgg16_feature_indices() == dict(
-        zip([0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28], [f"conv{s}_{i}" for s, n in
-            [(1, 2), (2, 2), (3, 3), (4, 3), (5, 3)] for i in range(1, n + 1)], strict=True)
-    )  # fmt: skip
+    # The converter's feature indices are where torchvision's `features` has its convs, in order, one per param.
+    convs = [i for i, m in enumerate(_vgg16_features(SEED)) if isinstance(m, torch.nn.Conv2d)]
+    indices = vgg16_feature_indices()
+    assert list(indices) == convs and sorted(indices.values()) == sorted(params["vgg"])
+    assert [indices[i] for i in (0, 2, 5, 28)] == ["conv1_1", "conv1_2", "conv2_1", "conv5_3"]
     kernel = vgg_sd["features.12.weight"].transpose(2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
     np.testing.assert_array_equal(params["vgg"]["conv3_2"]["kernel"], kernel)
     np.testing.assert_array_equal(params["vgg"]["conv5_3"]["bias"], vgg_sd["features.28.bias"])

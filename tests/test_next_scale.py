@@ -5,8 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.models.generators.next_scale import next_scale_loss, scale_causal_mask
+from jaxgen.models.attention import attention_mask
+from jaxgen.models.layers import token_cross_entropy
 from tests.helpers import tiny_var
+
+
+def scale_causal_mask(patch_nums) -> np.ndarray:
+    """VAR's `[L, L]` mask by the name its config gives it."""
+    return attention_mask("scale_causal", sum(p * p for p in patch_nums), patch_nums)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,7 @@ def test_loss_is_token_cross_entropy():
     targets = jnp.array([[0, 1, 2, 3, 4], [6, 5, 4, 3, 2]])
     logp = jax.nn.log_softmax(logits)
     expected = -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], -1))
-    np.testing.assert_allclose(next_scale_loss(logits, targets), expected, rtol=1e-6)
+    np.testing.assert_allclose(token_cross_entropy(logits, targets), expected, rtol=1e-6)
 
 
 def test_wrong_input_length_is_a_clear_error(model):
@@ -68,5 +74,8 @@ def test_bf16_compute_stays_close_to_float32(model):
     a = var.apply({"params": params}, jnp.array([1, 2]), x)
     b = bf16.apply({"params": params}, jnp.array([1, 2]), x)
     assert b.dtype == jnp.float32
-    # bf16 has 8 mantissa bits (rel. error ~4e-3 per op); a 2-block model stays within a few percent of the logit scale
-    assert float(jnp.abs(a - b).max()) < 0.05 * float(jnp.abs(a).max())
+    # bf16 has 8 mantissa bits (~4e-3 relative rounding per op). Measured on this 2-block model: max |diff| 2.4e-3 ..
+    # 4.6e-3 of the largest |logit| over 6 param / input seeds (3.3e-3 for this one). Asserted: < 1.5e-2 (3x the worst),
+    # and > 1e-4 (float32 on both sides differs by ~1e-7: the bf16 path is really taken).
+    err = float(jnp.abs(a - b).max() / jnp.abs(a).max())
+    assert 1e-4 < err < 1.5e-2, err

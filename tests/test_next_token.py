@@ -23,9 +23,8 @@ from jaxgen.models.generators.next_token import (
     NextTokenConfig,
     NextTokenTransformer,
     init_cache,
-    next_token_loss,
 )
-from jaxgen.models.layers import apply_rope, rope_1d_table, rope_2d_table
+from jaxgen.models.layers import apply_rope, rope_1d_table, rope_2d_table, token_cross_entropy
 from tests.helpers import SHARED, random_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +89,7 @@ def test_teacher_forced_logits_and_loss_match_upstream(fixture_a):
     ref = f["out/gpt_logits"]
     assert logits.shape == ref.shape and logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_TOL * max(1.0, float(np.abs(ref).max())))
-    np.testing.assert_allclose(next_token_loss(logits, tokens), f["out/gpt_loss"], rtol=1e-5)
+    np.testing.assert_allclose(token_cross_entropy(logits, tokens), f["out/gpt_loss"], rtol=1e-5)
 
 
 def _greedy(model, params, labels_b, steps: int):
@@ -226,14 +225,24 @@ def test_decode_step_compiles_once_for_every_position():
     assert bool(jnp.all(cache[0][0][:, :, 8:] == 0)) and bool(jnp.any(cache[0][0][:, :, 7] != 0))
 
 
+# bfloat16 compute (8 mantissa bits, ~4e-3 relative rounding per op) vs float32 on the same weights, 2 blocks, random
+# labels and tokens: measured max |diff| 6.3e-3 .. 7.9e-3 of the largest |logit| (3.3-3.9) over 8 param / input seeds.
+# Asserted: < 2.5e-2 of it (3x the worst seed), and > 1e-4 (float32 on both sides would differ by ~1e-7: bf16 is on).
+BF16_LOGIT_TOL = 2.5e-2
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model, params = _random_model(dtype="bfloat16", n_kv_head=2)
     c = model.config
-    labels, tokens = jnp.asarray([1, 2], jnp.int32), jnp.zeros((2, 5), jnp.int32)
+    rng = np.random.default_rng(0)
+    labels = jnp.asarray(rng.integers(0, c.num_classes, (4,)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (4, c.block_size - 1)), jnp.int32)
     logits = _forward(model, params, labels, tokens)
     ref = _forward(model.clone(config=dataclasses.replace(c, dtype="float32")), params, labels, tokens)
     assert logits.dtype == jnp.float32 and init_cache(c, 2)[0][0].dtype == jnp.bfloat16
-    np.testing.assert_allclose(logits, ref, atol=0.1 * float(jnp.abs(ref).max()))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    err = float(jnp.abs(logits - ref).max() / jnp.abs(ref).max())
+    assert 1e-4 < err < BF16_LOGIT_TOL, err
 
 
 def test_label_dropout_only_in_training():

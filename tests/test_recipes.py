@@ -112,8 +112,8 @@ def _tokenizer_export(cfg, directory: Path) -> str:
 
 @pytest.mark.parametrize(
     ("spec", "shrink"),
-    [
-        ("configs/var_imagenet.py:d16", shrink_var_imagenet),
+    [  # the VAR run takes ~120 s on 2 busy cores (the LlamaGen one ~45 s)
+        pytest.param("configs/var_imagenet.py:d16", shrink_var_imagenet, marks=pytest.mark.slow),
         ("configs/llamagen_imagenet.py:B", shrink_llamagen_imagenet),
     ],
     ids=["var_d16", "llamagen_B"],

@@ -92,13 +92,14 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
     rec, loss, _ = _run(bf, params, img)
     assert rec.dtype == jnp.float32 and loss.dtype == jnp.float32
     # Same weights, lower precision: close, but not equal (bf16 really is used). Compared before the quantizer (an id
-    # may flip) and through the decoder on the same codes.
+    # may flip) and through the decoder on the same codes. Measured: 6.9e-3 .. 1.03e-2 of the largest |value| over 5
+    # param / image seeds; asserted < 3e-2 (3x the worst) and > 1e-4 (float32 on both sides: ~1e-7).
     z32, z16 = (_run(m, params, img, method=TiTok.pre_quant) for m in (model, bf))
     quant = _run(model, params, img, method=TiTok.encode)[0]
     x32, x16 = (_run(m, params, quant, method=TiTok.decode) for m in (model, bf))
     for a, b in ((z32, z16), (x32, x16)):
         err = float(jnp.abs(a - b).max() / jnp.abs(a).max())
-        assert 1e-5 < err < 0.05, err
+        assert 1e-4 < err < 3e-2, err
 
 
 def test_decode_paths_agree(tiny):
