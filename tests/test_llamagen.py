@@ -103,7 +103,7 @@ def test_cli_rejects_an_unknown_wrapper_and_a_vocab_mismatch(tmp_path, capsys):
                            "--out", str(tmp_path / "ckpt")])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "unknown checkpoint wrapper" in err and "Traceback" not in err
-    with pytest.raises(ValueError, match=r"gpt\.vocab_size=100 but the tokenizer has 64 codes"):
+    with pytest.raises(ValueError, match=r"gpt\.vocab_size=100 disagrees with the tokenizer \(64\)"):
         cfg = load_config(str(REPO / "configs/llamagen_tiny.py"))
         cfg.gpt.vocab_size = 100
         build_llamagen(cfg.vq, cfg.gpt)

@@ -12,6 +12,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from jaxgen.eval.image_metrics import psnr, ssim
+from jaxgen.models.tokenizers.quantizers import VectorQuantizer
 from jaxgen.train.losses import (
     D_LOSSES,
     G_LOSSES,
@@ -24,9 +25,9 @@ from jaxgen.train.losses import (
     l2_loss,
     non_saturating_d_loss,
     non_saturating_g_loss,
-    vq_losses,
 )
 from jaxgen.train.losses.config import TokenizerLossConfig
+from tests.helpers import tiny_var
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -100,30 +101,68 @@ def test_disc_factor_around_start():
     assert [float(jitted(s, 10)) for s in (9, 10, 11)] == [0.0, 1.0, 1.0]
 
 
-def test_vq_losses_values_and_straight_through():
-    z, e = _rand(4, 2, 3, 3, 4), _rand(5, 2, 3, 3, 4)
-    n, beta = z.size, 0.25
-    z_q, cb, commit = vq_losses(z, e, beta)
-    d2 = np.mean((e.astype(np.float64) - z) ** 2)
-    np.testing.assert_allclose(z_q, e, atol=1e-6)  # z + (e - z) rounds to within an ulp of e
-    np.testing.assert_allclose(cb, d2, rtol=RTOL)
-    np.testing.assert_allclose(commit, beta * d2, rtol=RTOL)
+def _vq(l2_norm=False, beta=0.25):
+    """A VectorQuantizer with a random codebook, as the VQGAN and TiTok tokenizers build it."""
+    vq = VectorQuantizer(codebook_size=7, embed_dim=4, l2_norm=l2_norm, beta=beta)
+    params = {"embedding": {"embedding": jnp.asarray(_rand(7, 7, 4))}}
+    return vq, params
 
-    # straight-through: d f(z_q_st) / dz equals f'(e), i.e. the gradient passes through unchanged
+
+def test_vector_quantizer_losses_and_straight_through():
+    """The loss the quantizer computes is codebook + beta * commitment, mean over every element, with the
+    straight-through output: value = the nearest code, gradient passed to z unchanged; the codebook term moves the
+    codes only (d/de = 2 (e - z) / N per selected code), the commitment term the encoder only
+    (d/dz = 2 beta (z - e) / N)."""
+    beta = 0.25
+    vq, params = _vq(beta=beta)
+    z = jnp.asarray(_rand(4, 2, 3, 3, 4))
+    n = z.size
+    z_q, loss, idx = vq.apply({"params": params}, z)
+    book = np.asarray(params["embedding"]["embedding"], np.float64)
+    d = ((np.asarray(z, np.float64)[..., None, :] - book) ** 2).sum(-1).reshape(-1, 7)
+    np.testing.assert_array_equal(np.asarray(idx).reshape(-1), d.argmin(-1))  # the nearest code by squared distance
+    e = book[np.asarray(idx).reshape(-1)].reshape(z.shape)
+    np.testing.assert_allclose(z_q, e, atol=1e-6)
+    np.testing.assert_allclose(loss, (1 + beta) * np.mean((e - np.asarray(z, np.float64)) ** 2), rtol=RTOL)
+
     w = _rand(6, *z.shape)
     f = lambda q: jnp.sum(w * jnp.sin(q))
-    g_z = jax.grad(lambda z_: f(vq_losses(z_, e, beta)[0]))(z)
-    np.testing.assert_allclose(g_z, jax.grad(f)(e), rtol=1e-6, atol=1e-7)
-    assert not np.any(jax.grad(lambda e_: f(vq_losses(z, e_, beta)[0]))(e))  # no gradient to the codes
+    g_z = jax.grad(lambda z_: f(vq.apply({"params": params}, z_)[0]))(z)
+    np.testing.assert_allclose(g_z, jax.grad(f)(jnp.asarray(e, jnp.float32)), rtol=1e-5, atol=1e-6)
 
-    # codebook loss moves the codes only: d/de = 2 (e - z) / N, d/dz = 0
-    g_cb_z, g_cb_e = jax.grad(lambda z_, e_: vq_losses(z_, e_, beta)[1], argnums=(0, 1))(z, e)
-    np.testing.assert_allclose(g_cb_e, 2 * (e.astype(np.float64) - z) / n, rtol=RTOL, atol=1e-8)
-    assert not np.any(g_cb_z)
-    # commitment loss moves the encoder only: d/dz = 2 beta (z - e) / N, d/de = 0
-    g_c_z, g_c_e = jax.grad(lambda z_, e_: vq_losses(z_, e_, beta)[2], argnums=(0, 1))(z, e)
-    np.testing.assert_allclose(g_c_z, 2 * beta * (z.astype(np.float64) - e) / n, rtol=RTOL, atol=1e-8)
-    assert not np.any(g_c_e)
+    g_loss_z = jax.grad(lambda z_: vq.apply({"params": params}, z_)[1])(z)
+    np.testing.assert_allclose(g_loss_z, 2 * beta * (np.asarray(z, np.float64) - e) / n, rtol=RTOL, atol=1e-8)
+    g_loss_book = jax.grad(lambda p: vq.apply({"params": p}, z)[1])(params)["embedding"]["embedding"]
+    want = np.zeros((7, 4))
+    np.add.at(want, np.asarray(idx).reshape(-1), (2 * (e - np.asarray(z, np.float64)) / n).reshape(-1, 4))
+    np.testing.assert_allclose(g_loss_book, want, rtol=RTOL, atol=1e-8)
+
+
+def test_l2_normalised_quantizer_works_on_unit_vectors():
+    """With l2_norm (LlamaGen's VQ), z and the codes are unit vectors: the output has norm 1 and the loss is that of
+    the normalised vectors."""
+    vq, params = _vq(l2_norm=True)
+    z = jnp.asarray(_rand(4, 2, 3, 3, 4, scale=3.0))
+    z_q, loss, idx = vq.apply({"params": params}, z)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(z_q), axis=-1), 1.0, atol=1e-5)
+    zn = np.asarray(z, np.float64) / np.linalg.norm(np.asarray(z, np.float64), axis=-1, keepdims=True)
+    book = np.asarray(params["embedding"]["embedding"], np.float64)
+    book = book / np.linalg.norm(book, axis=-1, keepdims=True)
+    e = book[np.asarray(idx).reshape(-1)].reshape(z.shape)
+    np.testing.assert_allclose(loss, 1.25 * np.mean((e - zn) ** 2), rtol=RTOL)
+
+
+def test_multi_scale_quantizer_loss_is_the_mean_over_scales():
+    """VAR's loss: mean over the scales k of beta |sg(f_hat_k) - f|^2 + |f_hat_k - sg(f)|^2, f_hat_k the cumulative
+    reconstruction after scale k (what `quantize` returns)."""
+    vae, _, vae_params, _ = tiny_var()
+    q = vae.config
+    f = jnp.asarray(_rand(3, 2, q.patch_nums[-1], q.patch_nums[-1], q.z_channels))
+    _, loss, _ = vae.apply({"params": vae_params}, f, method=lambda m, x: m.quantize(x))
+    _, f_hats = vae.apply({"params": vae_params}, f, method=lambda m, x: m.quantize.quantize(x))
+    f64 = np.asarray(f, np.float64)
+    want = np.mean([(1 + q.beta) * np.mean((np.asarray(fh, np.float64) - f64) ** 2) for fh in f_hats])
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
 def _entropy_reference(logits, temperature):

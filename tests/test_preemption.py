@@ -217,3 +217,31 @@ def test_preempted_is_a_training_error_with_the_signal_exit_code():
         "[generator] stopped at step 7/12 by SIGTERM; checkpoint saved to /w/generator/checkpoints/7; "
         "rerun the same command to resume"
     )
+
+
+def test_a_signal_after_the_loss_went_nan_saves_nothing(tmp_path, monkeypatch):
+    """In process (8 fake devices): the stop is asked for at step 3 of a run whose loss is already NaN (lr 1e30);
+    the preemption save checks the loss first, so the NaN stop wins and no checkpoint holds the broken state."""
+    from jaxgen.config_util import load_config
+    from jaxgen.train.loop import TrainingError, train_and_evaluate
+
+    cfg = load_config(str(REPO / "configs/digits_var.py:smoke"))
+    cfg.stages = ("tokenizer",)
+    cfg.vae.update(ch=32, vocab_size=32, z_channels=8)
+    cfg.train_tokenizer.update(
+        steps=12, batch_size=16, log_every=6, ckpt_every=12, sample_every=0, lr=1e30, warmup_steps=0
+    )
+    calls = []
+
+    def requested(self):
+        calls.append(1)
+        if len(calls) == 3:
+            self.signum = int(signal.SIGTERM)
+        return self.signum is not None
+
+    monkeypatch.setattr(preemption.StopRequest, "requested", requested)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) by step 3; .*No checkpoint had been written") as e:
+        train_and_evaluate(cfg, tmp_path)
+    assert not isinstance(e.value, preemption.Preempted)
+    ckpts = tmp_path / "tokenizer" / "checkpoints"
+    assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]

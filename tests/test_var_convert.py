@@ -85,7 +85,7 @@ def fixture_state():
 @pytest.fixture(scope="module")
 def configs():
     meta = json.loads(VAR_FIXTURE_A.with_suffix(".json").read_text())
-    from jaxgen.convert.verify import var_configs_from_fixture
+    from jaxgen.convert.var import var_configs_from_fixture
 
     return var_configs_from_fixture(meta)
 

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from jaxgen.convert import verify
+from jaxgen.convert.var import var_configs_from_fixture
 from tests.helpers import VAR_FIXTURE_A
 
-pytestmark = pytest.mark.needs_fixture(VAR_FIXTURE_A)  # skipped if absent; in CI (.ci/run) a failure
+needs_fixture = pytest.mark.needs_fixture(VAR_FIXTURE_A)  # skipped if absent; in CI (.ci/run) a failure
 
 
+@needs_fixture
 def test_fixture_a_matches_official_outputs(tmp_path, capsys):
     dump = tmp_path / "ours.npz"
     rc = verify.main(["--family", "var", str(VAR_FIXTURE_A), "--dump", str(dump)])
@@ -39,11 +41,12 @@ def test_compare_flags_a_wrong_index_and_a_drifted_float():
     assert not ok and rep["idx"]["error"] == "not produced"
 
 
+@needs_fixture
 def test_config_is_read_from_the_fixture_json():
     meta = json.loads(VAR_FIXTURE_A.with_suffix(".json").read_text())
     meta["var_ctor"]["patch_nums"] = meta["vae_ctor"]["v_patch_nums"] = [1, 2, 4, 6]
     meta["var_ctor"]["num_classes"] = 7
-    vae_cfg, var_cfg = verify.var_configs_from_fixture(meta)
+    vae_cfg, var_cfg = var_configs_from_fixture(meta)
     assert vae_cfg.patch_nums == (1, 2, 4, 6) and vae_cfg.image_size == 96
     assert var_cfg.seq_len == 1 + 4 + 16 + 36 and var_cfg.num_classes == 7
     assert var_cfg.vocab_size == meta["vae_ctor"]["vocab_size"]

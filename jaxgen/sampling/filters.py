@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 
 
-def _nucleus_keep(desc: jax.Array, p: float) -> jax.Array:
-    """For logits sorted in descending order `[..., K]`: True where a token survives top-p, i.e. where the probability
-    of the tokens ranked above it is < p (equivalently, it is not among the least likely tokens whose cumulative
-    probability is <= 1 - p). The most likely token always survives."""
-    probs = jax.nn.softmax(desc, axis=-1)
+def _nucleus_keep(desc: jax.Array, p: float, log_z: jax.Array) -> jax.Array:
+    """For logits sorted in descending order `[..., K]` and the log normaliser `[..., 1]` of the distribution they
+    belong to: True where a token survives top-p, i.e. where the probability of the tokens ranked above it is < p
+    (equivalently, it is not among the least likely tokens whose cumulative probability is <= 1 - p). The most
+    likely token always survives."""
+    probs = jnp.exp(desc - log_z)
     above = jnp.cumsum(probs, axis=-1) - probs
     return above < p
 
@@ -30,11 +31,13 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
     if not use_k and top_p <= 0.0:
         return logits
     desc = jax.lax.top_k(logits, top_k)[0] if use_k else jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    threshold = desc[..., -1:]
     if top_p > 0.0:
-        n_keep = jnp.sum(_nucleus_keep(desc, top_p), axis=-1, keepdims=True)
+        # top-p's probabilities are over everything top-k keeps: ties with the k-th logit count, though `desc`
+        # holds only k of them
+        log_z = jax.nn.logsumexp(jnp.where(logits >= threshold, logits, -jnp.inf), axis=-1, keepdims=True)
+        n_keep = jnp.sum(_nucleus_keep(desc, top_p, log_z), axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
-    else:
-        threshold = desc[..., -1:]
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 

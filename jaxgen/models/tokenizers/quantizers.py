@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxgen.models.tokenizers.convnets import conv
 from jaxgen.models.tokenizers.resize import area_resize, bicubic_resize
+from jaxgen.models.layers import l2_normalize
 from jaxgen.parallel.logical import logical
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -398,7 +399,7 @@ class VectorQuantizer(nn.Module):
             e = jax.lax.stop_gradient(self.ema_embedding.value).astype(jnp.float32)
         else:
             e = self.embedding.embedding.astype(jnp.float32)
-        return _normalize(e) if self.l2_norm else e
+        return l2_normalize(e) if self.l2_norm else e
 
     def lookup(self, z_bhwc: jax.Array) -> jax.Array:
         """Nearest code per position `[B, h, w, C] -> [B, h*w]` int32 (first index wins ties).
@@ -408,7 +409,7 @@ class VectorQuantizer(nn.Module):
         """
         b, h, w, c = z_bhwc.shape
         z = z_bhwc.reshape(b * h * w, c).astype(jnp.float32)
-        z = _normalize(z) if self.l2_norm else z
+        z = l2_normalize(z) if self.l2_norm else z
         e = self.codebook()
         d = jnp.sum(z**2, axis=1, keepdims=True) + jnp.sum(e**2, axis=1) - 2.0 * jnp.dot(z, e.T, precision=HIGHEST)
         self.sow("intermediates", "code_logits", -d)
@@ -425,7 +426,7 @@ class VectorQuantizer(nn.Module):
         the codebook from the (normalised with `l2_norm`) z and their ids.
         """
         z = z_bhwc.astype(jnp.float32)
-        z = _normalize(z) if self.l2_norm else z
+        z = l2_normalize(z) if self.l2_norm else z
         idx = self.lookup(z_bhwc)
         e = self.codes(idx, z.shape[1:3])
         if self.ema_decay > 0:
@@ -439,8 +440,3 @@ class VectorQuantizer(nn.Module):
                 (jax.lax.stop_gradient(e) - z) ** 2
             )
         return z + jax.lax.stop_gradient(e - z), loss, idx
-
-
-def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(|x|_2, eps) over the last axis (torch.nn.functional.normalize)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,4 +1,5 @@
-"""Pure training losses for tokenizers (VQGAN-style): reconstruction, adversarial, codebook and entropy terms.
+"""Pure training losses for tokenizers (VQGAN-style): reconstruction, adversarial and entropy terms; the codebook
+and commitment terms are computed by the quantizers themselves (`jaxgen.models.tokenizers.quantizers`).
 
 Every function is a pure jnp function of arrays (no state, no randomness) that returns float32 scalars; weighting
 and scheduling of the terms is the trainer's job.
@@ -14,7 +15,6 @@ from jaxgen.train.losses.adversarial import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
-from jaxgen.train.losses.codebook import vq_losses
 from jaxgen.train.losses.entropy import entropy_loss
 from jaxgen.train.losses.reconstruction import l1_loss, l2_loss
 
@@ -30,5 +30,4 @@ __all__ = [
     "l2_loss",
     "non_saturating_d_loss",
     "non_saturating_g_loss",
-    "vq_losses",
 ]
