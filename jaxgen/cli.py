@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -46,13 +47,49 @@ def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> NoReturn:
     sys.exit(exit_code)
 
 
+def _background_errors_to_debug_log() -> Callable[[], None]:
+    """Route exceptions that C++ threads print (TensorStore's callbacks call PyErr_Print / PyErr_WriteUnraisable)
+    to the debug log; the main thread's keep the usual hooks. Why: when one read of a damaged checkpoint fails,
+    Orbax closes its event loop while other reads are in flight, and their completions print "RuntimeError: Event
+    loop is closed" tracebacks, which would bury the one-line error. Returns a function that restores the hooks."""
+    old_hook, old_unraisable = sys.excepthook, sys.unraisablehook
+
+    def hook(exc_type, exc, tb):
+        if threading.current_thread() is threading.main_thread():
+            old_hook(exc_type, exc, tb)
+        else:
+            logging.debug("in a background thread", exc_info=(exc_type, exc, tb))
+
+    def unraisable(u):
+        if threading.current_thread() is threading.main_thread():
+            old_unraisable(u)
+        else:
+            logging.debug(
+                "ignored in a background thread (%s)", u.object, exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
+            )
+
+    sys.excepthook, sys.unraisablehook = hook, unraisable
+
+    def restore():
+        sys.excepthook, sys.unraisablehook = old_hook, old_unraisable
+
+    return restore
+
+
+_hooks_installed = False
+
+
 def run_user_command(
     fn: Callable[..., T], *args: Any, user_errors: tuple[type[BaseException], ...] = (), **kwargs: Any
 ) -> T:
     """`fn(*args, **kwargs)`, with `USER_ERRORS`, `user_errors` and KeyboardInterrupt turned into one `error:` line
-    and an exit status (the traceback goes to the debug log: `--verbosity=1`)."""
+    and an exit status (the traceback goes to the debug log: `--verbosity=1`). Calls may nest."""
+    global _hooks_installed
+    restore = None
+    if not _hooks_installed:
+        restore, _hooks_installed = _background_errors_to_debug_log(), True
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except KeyboardInterrupt:
         logging.debug("traceback of the interrupt", exc_info=True)
         fail(
@@ -65,6 +102,11 @@ def run_user_command(
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
             message = f"{message}: {e.filename}"
         fail(message, int(getattr(e, "exit_code", EXIT_USER_ERROR)))
+    # On the failure paths above the hooks stay: the process is ending, and late completions must stay quiet.
+    if restore is not None:
+        restore()
+        _hooks_installed = False
+    return result
 
 
 def _verbose(argv: list[str]) -> bool:

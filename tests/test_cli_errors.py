@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -100,10 +101,8 @@ def test_workdir_of_another_family_is_refused(trained, cache):
     rc, err = _main("--config=configs/digits_llamagen.py:smoke", *TINY_TOKENIZER, f"--workdir={trained}", cache=cache)
     assert rc == 1
     line = _error_line(err)
-    assert f"error: {trained / 'tokenizer'} holds a checkpoint of a different model (family: 'var' -> 'llamagen'" in (
-        line
-    )
-    assert "Nothing was overwritten" in line
+    assert line.startswith(f"error: {trained / 'tokenizer'} holds a var checkpoint but the config is family 'llamagen'")
+    assert "nothing was overwritten: use configs/var_*.py" in line
 
 
 def test_missing_config_section_is_named(tmp_path):
@@ -208,7 +207,36 @@ def test_ctrl_c_is_one_line_with_status_130(tmp_path):
     )
 
 
-def test_user_errors_keep_their_message_other_errors_their_traceback(capsys):
+@pytest.fixture
+def keep_hooks(monkeypatch):
+    """run_user_command leaves its quiet hooks in place when it exits the process; put them back after the test."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(cli, "_hooks_installed", False)
+
+
+def test_background_thread_errors_stay_out_of_stderr_once_a_command_fails(keep_hooks):
+    """After a failed read of a damaged checkpoint, TensorStore's callback threads print "Event loop is closed"
+    tracebacks through sys.excepthook: those go to the debug log; the main thread's still reach the old hook."""
+    printed = []
+    sys.excepthook = lambda exc_type, exc, tb: printed.append(str(exc))
+    cli.run_user_command(lambda: None)
+    sys.excepthook(RuntimeError, RuntimeError("after a normal return"), None)
+    assert printed == ["after a normal return"]  # hooks restored
+
+    def damaged():
+        raise ValueError("checkpoint is damaged")
+
+    with pytest.raises(SystemExit):
+        cli.run_user_command(damaged)
+    t = threading.Thread(target=lambda: sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None))
+    t.start()
+    t.join()
+    sys.excepthook(RuntimeError, RuntimeError("main thread"), None)
+    assert printed == ["after a normal return", "main thread"]
+
+
+def test_user_errors_keep_their_message_other_errors_their_traceback(capsys, keep_hooks):
     def bad_config():
         raise ValueError("train_generator.batch_size=0 must be positive:\n  set it to e.g. 64")
 

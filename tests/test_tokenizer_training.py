@@ -15,6 +15,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from jaxgen.config_util import load_config
+from jaxgen.data.sources import DigitsSource
 from jaxgen.families import build_models
 from jaxgen.models.discriminators import PatchDiscriminator
 from jaxgen.train.loop import train_and_evaluate
@@ -165,6 +166,10 @@ def test_missing_lpips_weights_is_a_clear_error_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+_TOKENIZER_SECTION = {"digits_msvq": "vae", "digits_vqgan": "vq", "digits_titok": "titok"}
+_VOCAB = {"digits_msvq": "vocab_size", "digits_vqgan": "codebook_size", "digits_titok": "codebook_size"}
+
+
 @pytest.mark.parametrize("name", ["digits_msvq", "digits_vqgan", "digits_titok"])
 def test_tokenizer_config_smoke_run_writes_metrics_grids_and_report(tmp_path, name):
     cfg = load_config(str(REPO / f"configs/{name}.py:smoke"))
@@ -175,12 +180,16 @@ def test_tokenizer_config_smoke_run_writes_metrics_grids_and_report(tmp_path, na
     if name == "digits_msvq":
         assert all(f"codebook_usage/scale_{p}" in r for r in tok_rows for p in cfg.vae.patch_nums)
         assert any("g_loss" in r for r in tok_rows)
+    # ten steps already reconstruct better than the first five (logged every 5: the mean of steps 1-5 vs 6-10)
+    assert tok_rows[-1]["rec_loss"] < tok_rows[0]["rec_loss"], [r["rec_loss"] for r in tok_rows]
     t = report["tokenizer"]
-    assert np.isfinite(t["psnr"]) and -1 <= t["ssim"] <= 1 and 0 < t["codebook_usage"] <= 1
+    vocab = cfg[_TOKENIZER_SECTION[name]][_VOCAB[name]]
+    assert t["eval_images"] == len(DigitsSource("test", 16)) and t["codebook_usage"] * vocab >= 2  # no collapse
     assert list((tmp_path / "tokenizer" / "samples").glob("recon_*.png"))
     assert (tmp_path / "tokenizer" / "export" / "config.json").is_file()
     if "generator" in cfg.stages:
-        assert 0 <= report["generator"]["class_fidelity"] <= 1
+        g = report["generator"]
+        assert g["num_samples"] == 20 and g["num_nonfinite"] == 0 and g["classifier_accuracy_real"] > 0.85
 
 
 def test_sharded_gan_step_equals_single_device_step():

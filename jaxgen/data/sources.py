@@ -28,7 +28,8 @@ _NUM_CHECKED = 8  # images decoded up front by the folder source to catch wrong 
 def digits_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     """The fixed digits split: within each class (in file order) every 6th image is "test", the rest "train".
 
-    Deterministic without any RNG, stratified, 300 of the 1,797 images in "test". int64 [N] sorted indices.
+    Deterministic without any RNG, stratified, 296 of the 1,797 images in "test" (floor(n_c / 6) of each class).
+    int64 [N] sorted indices.
     """
     if split not in ("train", "test"):
         raise ValueError(f"digits has splits 'train' and 'test', got split={split!r}.")

@@ -32,7 +32,9 @@ from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
 from jaxgen.pretrained import load_pretrained, save_pretrained
 from jaxgen.train import checkpoint as ckpt_lib
+from jaxgen.train import preemption
 from jaxgen.train.checks import check_config
+from jaxgen.train.errors import TrainingError
 from jaxgen.train.generator_task import encode_fn, generator_task
 from jaxgen.train.optim import learning_rate_schedule
 from jaxgen.train.reporting import MetricsWriter, Progress, parameter_overview
@@ -47,10 +49,6 @@ from jaxgen.train.tokenizer_task import (
     reconstruct_fn,
     tokenizer_task,
 )
-
-
-class TrainingError(RuntimeError):
-    """A run stopped for a reason the user can act on (the message says what and what to do)."""
 
 
 def _fingerprint(config, family: Family, stage: str) -> dict:
@@ -71,6 +69,12 @@ def _claim_stage_dir(stage_dir: Path, fingerprint: dict) -> None:
     path = stage_dir / "model.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if old.get("family") != fingerprint.get("family"):
+            raise ValueError(
+                f"{stage_dir} holds a {old.get('family')} checkpoint but the config is family "
+                f"{fingerprint.get('family')!r}; nothing was overwritten: use configs/{old.get('family')}_*.py (see "
+                f"{path}) or a new --workdir"
+            )
         if old != fingerprint:
             diffs = []
             for key in sorted(set(old) | set(fingerprint)):
@@ -147,7 +151,6 @@ def train_stage(
     batch_ndim = {"image": 4, "tokens": 2, "label": 1}
     batch_shardings = {k: partition.batch_sharding(mesh, rules, batch_ndim[k]) for k in (task.batch_key, "label")}
     frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
-    from jaxgen.train import preemption  # here, not at the top: preemption.Preempted subclasses TrainingError
 
     with partition.activation_rules(mesh, rules), preemption.stop_on_signals() as stop:
         step_fn = jax.jit(

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxgen.train.loop import TrainingError
+from jaxgen.train.errors import TrainingError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.models.layers import l2_normalize
 from jaxgen.models.tokenizers.convnets import conv
 from jaxgen.models.tokenizers.resize import area_resize, bicubic_resize
-from jaxgen.models.layers import l2_normalize
 from jaxgen.parallel.logical import logical
 
 HIGHEST = jax.lax.Precision.HIGHEST
