@@ -47,21 +47,43 @@ def config_section(config, name: str, dtype: str | None = None) -> dict:
     return section
 
 
-def build_models(
-    config, tokenizer_dtype: str | None = None, generator_dtype: str | None = None, *, training: bool = False
-):
-    """(family, tokenizer, generator or None) from a run config; the dtypes override the sections' compute dtypes.
-    Without `training`, the tokenizer is built for inference (EMA-codebook fields dropped; see `inference_params`
-    in `jaxgen.train.tokenizer_task` for its params)."""
+def model_sections(config) -> tuple[Family, dict[str, dict]]:
+    """(family, {tokenizer key: section, generator key: section}) of a run config, read once: what the rest of a run
+    passes down instead of the whole config. The generator's section is {} in a tokenizer-only config."""
     family = family_of(config)
     if family.tokenizer_key not in config:
         raise ValueError(f"config has no `{family.tokenizer_key}` section, which family {family.name!r} needs")
-    tok_section = config_section(config, family.tokenizer_key, tokenizer_dtype)
+    return family, {k: config_section(config, k) for k in (family.tokenizer_key, family.generator_key)}
+
+
+def family_models(
+    family: Family,
+    sections: dict[str, dict],
+    tokenizer_dtype: str | None = None,
+    generator_dtype: str | None = None,
+    *,
+    training: bool = False,
+):
+    """(tokenizer, generator or None) from `model_sections`; the dtypes override the sections' compute dtypes.
+    Without `training`, the tokenizer is built for inference (EMA-codebook fields dropped; see `inference_params` in
+    `jaxgen.train.tokenizer_task` for its params)."""
+    tok = dict(sections[family.tokenizer_key])
+    gen = dict(sections.get(family.generator_key, {}))
+    if tokenizer_dtype is not None:
+        tok["dtype"] = tokenizer_dtype
+    if generator_dtype is not None and gen:
+        gen["dtype"] = generator_dtype
     if not training:
-        tok_section = {k: v for k, v in tok_section.items() if k not in TRAINING_ONLY_TOKENIZER_FIELDS}
-    gen_section = config_section(config, family.generator_key, generator_dtype)
-    tokenizer, generator = family.build(tok_section, gen_section)
-    return family, tokenizer, generator
+        tok = {k: v for k, v in tok.items() if k not in TRAINING_ONLY_TOKENIZER_FIELDS}
+    return family.build(tok, gen)
+
+
+def build_models(
+    config, tokenizer_dtype: str | None = None, generator_dtype: str | None = None, *, training: bool = False
+):
+    """(family, tokenizer, generator or None) from a run config (`model_sections` + `family_models`)."""
+    family, sections = model_sections(config)
+    return (family, *family_models(family, sections, tokenizer_dtype, generator_dtype, training=training))
 
 
 def example_image(family: Family, tokenizer, generator) -> jax.Array:

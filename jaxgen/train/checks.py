@@ -18,6 +18,7 @@ from jaxgen.families import build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel.rules import rules_from_config
 from jaxgen.train.losses.config import TokenizerLossConfig
+from jaxgen.train.tokenizer_task import check_lpips_weights
 
 STAGES = ("tokenizer", "generator")
 # Tokenizer fields that do not change its params (compute dtype, kernels, how training updates the codebook): not
@@ -44,8 +45,6 @@ def check_config(config) -> None:
     family.check(tokenizer, generator if "generator" in config.stages else None, int(config.data.image_size))
     loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
     if "tokenizer" in config.stages:
-        from jaxgen.train.tokenizer_task import check_lpips_weights
-
         check_lpips_weights(loss_cfg)
     batch_axes = batch_mesh_axes(config)
     for stage in stages:

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgen import data as data_lib
 from jaxgen.eval.grids import save_grid
-from jaxgen.families import Family, build_models, config_section
+from jaxgen.families import Family, family_models, model_sections
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
@@ -51,15 +51,15 @@ from jaxgen.train.tokenizer_task import (
 )
 
 
-def _fingerprint(config, family: Family, stage: str) -> dict:
+def _fingerprint(config, family: Family, sections: dict, stage: str) -> dict:
     """The config fields that define a stage's model and its data: a checkpoint of another model must not resume."""
-    fp = {"family": config.family, family.tokenizer_key: config_section(config, family.tokenizer_key)}
+    fp = {"family": family.name, family.tokenizer_key: sections[family.tokenizer_key]}
     if stage == "tokenizer":
         loss = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
         if loss.use_gan:  # the discriminator's shape is part of the checkpoint
             fp["discriminator"] = {"ndf": loss.disc_ndf, "layers": loss.disc_layers, "norm": loss.disc_norm}
     if stage == "generator":
-        fp[family.generator_key] = config_section(config, family.generator_key)
+        fp[family.generator_key] = sections[family.generator_key]
     fp["image_size"] = int(config.data.image_size)
     return json.loads(json.dumps(fp, default=list))
 
@@ -258,9 +258,10 @@ def to_host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def _export(stage_dir: Path, params: dict, config, family: Family, sections: tuple[str, ...]) -> None:
-    """`stage_dir/export`: the stage's params (EMA) as a `jaxgen.pretrained` checkpoint, from every process."""
-    meta = {"family": config.family, **{k: config_section(config, k) for k in sections}}
+def _export(stage_dir: Path, params: dict, family: Family, sections: dict) -> None:
+    """`stage_dir/export`: the stage's params (EMA) as a `jaxgen.pretrained` checkpoint, from every process; its
+    config.json holds the family and the sections of the models in `params`."""
+    meta = {"family": family.name, **{k: sections[k] for k in params}}
     save_pretrained(stage_dir / "export", params, meta)
     logging.info("exported %s to %s", "+".join(params), stage_dir / "export")
 
@@ -281,24 +282,25 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     mesh_lib.initialize_distributed()
     check_config(config)
-    family, inference_tok, generator = build_models(config)
+    family, sections = model_sections(config)
+    inference_tok, generator = family_models(family, sections)
     data_lib.load_source(config.data, config.data.train_split)  # missing/empty/unreadable data: fail before compiling
     if "generator" in config.stages:
         _check_classes(config, generator)
         grid_labels = _class_grid_labels(config, generator.config.num_classes)
         tok_params = None if "tokenizer" in config.stages else _load_tokenizer(config, family)
-    fingerprints = {s: _fingerprint(config, family, s) for s in config.stages}
+    fingerprints = {s: _fingerprint(config, family, sections, s) for s in config.stages}
     for stage in config.stages:
         _claim_stage_dir(workdir / stage, fingerprints[stage])
     mesh = mesh_lib.create_mesh(dict(config.parallel.mesh))
     rules = rules_from_config(config.parallel.rules)
     writer = MetricsWriter(workdir)
-    report: dict[str, Any] = {"family": config.family, "workdir": str(workdir.absolute())}
+    report: dict[str, Any] = {"family": family.name, "workdir": str(workdir.absolute())}
 
     # -- tokenizer
     if "tokenizer" in config.stages:
         t = config.train_tokenizer
-        _, tokenizer, _ = build_models(config, tokenizer_dtype=t.compute_dtype, training=True)
+        tokenizer, _ = family_models(family, sections, tokenizer_dtype=t.compute_dtype, training=True)
         loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
         task = tokenizer_task(
             tokenizer, loss_cfg, image_size=int(config.data.image_size), frozen=load_lpips_frozen(loss_cfg)
@@ -315,7 +317,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             sample_fn=_tokenizer_sample_fn(inference_tok, config, workdir / "tokenizer"),
         )
         exported = task.export(state)
-        _export(workdir / "tokenizer", {family.tokenizer_key: exported}, config, family, (family.tokenizer_key,))
+        _export(workdir / "tokenizer", {family.tokenizer_key: exported}, family, sections)
         tok_params = to_host(exported)
         report["tokenizer"] = _tokenizer_eval(inference_tok, tok_params, config, loss_cfg)
         writer.write(int(state.step), {k: v for k, v in report["tokenizer"].items() if v is not None},
@@ -327,8 +329,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     # -- pretokenize (again whenever the data or the tokenizer changed), then the generator
     tokens_dir = workdir / "tokens"
     tokenizer_id = {
-        "family": config.family,
-        family.tokenizer_key: config_section(config, family.tokenizer_key),
+        "family": family.name,
+        family.tokenizer_key: sections[family.tokenizer_key],
         "params_sha256": data_lib.params_fingerprint(tok_params),
     }
     written, why = data_lib.ensure_token_shards(
@@ -338,7 +340,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     logging.info("%s token shards in %s: %s", "wrote" if written else "reusing", tokens_dir, why)
     token_data = data_lib.with_source(config.data, kind="tokens", path=str(tokens_dir))
     g = config.train_generator
-    _, plain_tok, generator = build_models(config, generator_dtype=g.compute_dtype)
+    plain_tok, generator = family_models(family, sections, generator_dtype=g.compute_dtype)
     sampler = family.sampler(generator, plain_tok, config.sampling.to_dict())
 
     def sample_grid(params, step):
@@ -364,8 +366,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         sample_fn=sample_grid,
     )
     gen_params = task.export(state)
-    _export(workdir / "generator", {family.tokenizer_key: tok_params, family.generator_key: gen_params}, config,
-            family, (family.tokenizer_key, family.generator_key))  # fmt: skip
+    _export(
+        workdir / "generator", {family.tokenizer_key: tok_params, family.generator_key: gen_params}, family, sections
+    )
     if int(config.eval.get("sample_batches", 0)) > 0:
         report["generator"] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir)
     return _finish(report, workdir, writer, t_start)
