@@ -202,7 +202,7 @@ def test_image_size_that_does_not_fit_the_tokenizer(tmp_path):
     assert not any(tmp_path.iterdir())
     cfg = load_config(str(REPO / "configs/digits_llamagen.py:smoke"))
     cfg.data.image_size = 24
-    with pytest.raises(ValueError, match=r"6x6 tokens, but gpt.block_size=16"):
+    with pytest.raises(ValueError, match=r"image_size=24 gives 36 tokens per image but gpt\.block_size=16"):
         train_and_evaluate(cfg, tmp_path)
 
 
