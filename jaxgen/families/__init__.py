@@ -36,15 +36,12 @@ def family_of(config) -> Family:
     return get_family(config.family)
 
 
-def config_section(config, name: str, dtype: str | None = None) -> dict:
+def config_section(config, name: str) -> dict:
     """A model section of a run config as a plain dict ({} when the config has none, e.g. no generator in a
-    tokenizer-only run), with its compute `dtype` replaced when given."""
+    tokenizer-only run); `family_models` replaces compute dtypes."""
     if name not in config:
         return {}
-    section = config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-    if dtype is not None:
-        section["dtype"] = dtype
-    return section
+    return config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
 
 
 def model_sections(config) -> tuple[Family, dict[str, dict]]:
