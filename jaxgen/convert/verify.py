@@ -10,6 +10,7 @@ match for integer outputs) and exits 0 only if every integer output matches exac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,10 +18,27 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from collections.abc import Callable
+
 from jaxgen.convert.common import load_state_dict
+from jaxgen.eval.golden import eval_reference, run_eval_fixture
 from jaxgen.families import FAMILIES
 
-GOLDEN = sorted(name for name, family in FAMILIES.items() if family.golden is not None)
+
+def fixture_outputs(fixture: Path, meta: dict) -> dict[str, np.ndarray]:
+    """The reference a golden run is compared with by default: every `out/<name>` tensor of the npz."""
+    return load_state_dict(fixture, "out/")
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldenCheck:
+    run: Callable[[Path, dict], dict]  # (fixture npz, its json) -> jaxgen's outputs by name
+    reference: Callable[[Path, dict], dict] = fixture_outputs  # ... -> the reference outputs by name
+
+
+# One per family with a golden hook, plus the evaluator (Inception + FID / IS / precision-recall).
+GOLDEN = {name: GoldenCheck(family.golden) for name, family in FAMILIES.items() if family.golden is not None}
+GOLDEN["eval"] = GoldenCheck(run_eval_fixture, eval_reference)
 
 
 def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], atol: float) -> tuple[bool, dict]:
@@ -53,7 +71,7 @@ def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], atol:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgen.convert.verify", description=__doc__.split("\n")[0])
     parser.add_argument("fixture", type=Path, help="fixture .npz (its .json must sit beside it)")
-    parser.add_argument("--family", required=True, choices=GOLDEN)
+    parser.add_argument("--family", required=True, choices=sorted(GOLDEN))
     parser.add_argument("--dump", type=Path, help="write jaxgen's outputs here as out/<name> (same shapes)")
     parser.add_argument("--atol", type=float, default=1e-4)
     args = parser.parse_args(argv)
@@ -62,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"need both {args.fixture} and {meta_path}")
     jax.config.update("jax_default_matmul_precision", "highest")
     meta = json.loads(meta_path.read_text())
-    ours = FAMILIES[args.family].golden(args.fixture, meta)
-    reference = load_state_dict(args.fixture, "out/")
+    check = GOLDEN[args.family]
+    ours = check.run(args.fixture, meta)
+    reference = check.reference(args.fixture, meta)
     ok, report = compare(ours, reference, args.atol)
     if args.dump:
         dtypes = {k: v.dtype for k, v in reference.items()}
-        np.savez(args.dump, **{f"out/{k}": np.asarray(v, dtypes.get(k, v.dtype)) for k, v in ours.items()})
+        dump = {f"out/{k}": np.asarray(v, dtypes.get(k, v.dtype)) for k, v in ours.items()}
+        dump.update({k: np.asarray(v) for k, v in ours.items() if k.startswith("metrics/")})  # also unprefixed
+        np.savez(args.dump, **dump)
     print(
         json.dumps(
             {"fixture": str(args.fixture), "family": args.family, "ok": ok, "atol": args.atol, "outputs": report},

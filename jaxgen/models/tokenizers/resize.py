@@ -17,6 +17,12 @@ input length ``In`` and output length ``Out``:
   bit-identical to torch's CPU kernel, whose float32 rounding depends on its
   CPU dispatch (FMA or not, see ``bicubic_weights``).
 * ``nearest_upsample_2x`` == ``F.interpolate(scale_factor=2, mode='nearest')``.
+* ``bilinear_resize`` == ``F.interpolate(mode='bilinear', align_corners=False)``
+  (``half_pixel=True``: ``src = max(scale*(i+0.5) - 0.5, 0)``) or TensorFlow 1's
+  legacy ``ResizeBilinear(align_corners=False, half_pixel_centers=False)``
+  (``half_pixel=False``: ``src = scale*i``), which the ADM FID evaluator's
+  Inception graph applies; taps ``floor(src)`` and the next, clamped to
+  ``In-1``. Neither antialiases (``jax.image.resize`` does when downsampling).
 
 Area and bicubic resizes are separable: a dense ``[Out, In]`` weight matrix per
 axis (built once in numpy and cached) is contracted with ``jnp.einsum`` at
@@ -95,6 +101,26 @@ def bicubic_weights(n_in: int, n_out: int, fused: bool = True) -> np.ndarray:
     return w
 
 
+@functools.cache
+def bilinear_weights(n_in: int, n_out: int, half_pixel: bool = True) -> np.ndarray:
+    """Bilinear weights ``[Out, In]`` (float32, two taps a row) with the coordinates computed in float32 as
+    torch (``half_pixel=True``) or TensorFlow 1's legacy resize (``half_pixel=False``) compute them."""
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    i = np.arange(n_out, dtype=f32)
+    src = np.maximum(scale * (i + f32(0.5)) - f32(0.5), f32(0)) if half_pixel else scale * i
+    lo = np.minimum(np.floor(src), f32(n_in - 1))
+    frac = (src - lo).astype(f32)
+    lo = lo.astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = np.zeros((n_out, n_in), f32)
+    rows = np.arange(n_out)
+    np.add.at(w, (rows, lo), f32(1) - frac)
+    np.add.at(w, (rows, hi), frac)
+    w.flags.writeable = False
+    return w
+
+
 def _check(x: jax.Array, size: tuple[int, int] | None = None) -> None:
     if x.ndim != 4:
         raise ValueError(f"expected x of shape [B, H, W, C], got shape {x.shape}")
@@ -128,6 +154,14 @@ def bicubic_resize(x: jax.Array, size: tuple[int, int], *, fused: bool = True) -
     _check(x, size)
     (_, H, W, _), (h, w) = x.shape, size
     return _separable(x, bicubic_weights(H, int(h), fused), bicubic_weights(W, int(w), fused))
+
+
+def bilinear_resize(x: jax.Array, size: tuple[int, int], *, half_pixel: bool = True) -> jax.Array:
+    """Bilinear resize ``[B, H, W, C]`` -> ``[B, h, w, C]`` without antialiasing; ``half_pixel``: see
+    ``bilinear_weights`` (True: torch ``align_corners=False``; False: TF1 legacy, as the ADM evaluator)."""
+    _check(x, size)
+    (_, H, W, _), (h, w) = x.shape, size
+    return _separable(x, bilinear_weights(H, int(h), half_pixel), bilinear_weights(W, int(w), half_pixel))
 
 
 def nearest_upsample_2x(x: jax.Array) -> jax.Array:
