@@ -90,6 +90,8 @@ def evaluate(
     sample_src = adm_npz.open_samples(samples)  # each input is checked before anything compiles
     ref_stats_file = adm_npz.read_stats(ref)
     ref_src = adm_npz.open_reference_images(ref)  # None when the reference holds statistics only
+    if ref_src is not None and ref_src.num_images == 0:
+        ref_src = None
     if ref_src is None and not {"mu", "sigma"} <= set(ref_stats_file):
         raise ValueError(f"{ref} has neither arr_0 images nor mu / sigma statistics")
     if sample_src.num_images < k + 1:
