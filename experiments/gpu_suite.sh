@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU measurement still owed, in one device call of about 10 minutes; JSON results under $OUT.
+#
+#   run(command="bash experiments/gpu_suite.sh", carry=[".upstream"], timeout_s=600)
+#
+# `.upstream/` (ignored by git) holds the official checkouts the comparisons run beside jaxgen (VAR/, LlamaGen/) and
+# `.upstream/pylib` the pure-Python packages the device image lacks (ml_collections; pytorch-fid and torch-fidelity
+# for bench_eval: `pip install --no-deps --target .upstream/pylib ml-collections pytorch-fid==0.3.0
+# torch-fidelity==0.4.0`). Without it the jaxgen rows still run. Each step has its own time limit so that one slow
+# step cannot eat the others'; a step that fails is logged and the suite goes on. Copy the JSON files into
+# experiments/results/ with the device in the name, and the numbers into experiments/README.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:$PWD/.upstream/pylib${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/device.txt" 2>&1 || true
+OFFICIAL=""
+[ -d .upstream/VAR ] && OFFICIAL="--official=.upstream"
+
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  tail -3 "$OUT/$name.log"
+}
+
+# Step 7 (eval): Inception images/s beside pytorch-fid / torch-fidelity, FID + P/R time on 50,000 x 2048 features.
+step 120 eval python experiments/bench_eval.py --official_path=.upstream/pylib --out="$OUT/eval_gpu.json"
+# Step 5 (kernels): the block-sparse kernel's tiles, tuned on VAR's masks (one call per scale list).
+step 150 attention_512px python experiments/bench_attention.py --tune --lists=512px --out="$OUT/attention_512px.json"
+step 120 attention_256px python experiments/bench_attention.py --tune --lists=256px --out="$OUT/attention_256px.json"
+# Step 4 (tokenizers): bf16 beside the official PyTorch models.
+step 90 tokenizer python experiments/bench_tokenizer.py --models=vq16,var_vqvae --dtype=bfloat16 --batch=16 \
+  $OFFICIAL --out="$OUT/tokenizer_gpu.json"
+# Step 3: the train-step float32 rows (bf16 was measured on an H100).
+step 90 train_step_f32 python experiments/bench_train_step.py --mode=speed --dtype=float32 \
+  --out="$OUT/train_step_f32.json"
+echo "done: $(ls "$OUT")"
