@@ -293,3 +293,15 @@ def test_bad_input_raises_one_line_value_error(call, match):
     with pytest.raises(ValueError, match=match) as e:
         call()
     assert "\n" not in str(e.value)
+
+
+def test_device_moments_equal_the_host_ones():
+    """GPUs accumulate the covariance sums on device (float64 under enable_x64), CPUs / TPUs on the host: same sums.
+    The device path runs here on the CPU devices, over a mesh of all 8 and in blocks that do not divide N."""
+    x = np.random.default_rng(3).normal(size=(203, 24)).astype(np.float32) * 3 + 1
+    shift = x[:64].astype(np.float64).mean(axis=0)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    s1, s2 = M._device_moments(x, 64, shift, mesh)
+    xc = x.astype(np.float64) - shift
+    np.testing.assert_allclose(s1, xc.sum(0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(s2, xc.T @ xc, rtol=1e-12, atol=1e-9)
