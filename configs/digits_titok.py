@@ -14,6 +14,7 @@ import ml_collections
 
 from jaxgen.train.sections import (
     digits_data_section,
+    digits_eval_section,
     make_smoke,
     parallel_section,
     tokenizer_loss_section,
@@ -66,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.parallel = parallel_section()
     cfg.sampling = dict(cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0)
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
-    cfg.eval = dict(sample_batches=5)
+    cfg.eval = digits_eval_section()  # report: class fidelity + digits FID; digits FID every 500 steps
     if arg == "smoke":
         make_smoke(cfg)
     elif arg:

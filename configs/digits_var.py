@@ -4,14 +4,16 @@
     python -m jaxgen.main --config=configs/digits_var.py:smoke --workdir=/tmp/digits_var_smoke  # < 2 min
 
 Stage 1 trains VAR's multi-scale VQVAE (scales 1-2-3-4 on a 4x4 latent: 30 tokens per image), stage 2 the
-next-scale transformer on the token ids it writes; the report scores class-conditional samples with a classifier
-fit on real held-out digits.
+next-scale transformer on the token ids it writes, with the digits FID of its samples every 500 steps
+(metrics.jsonl, TensorBoard `generator_eval/digits_fid`); the report scores class-conditional samples with a
+classifier fit on real held-out digits and gives their digits FID beside the real-data floor.
 """
 
 import ml_collections
 
 from jaxgen.train.sections import (
     digits_data_section,
+    digits_eval_section,
     make_smoke,
     parallel_section,
     tokenizer_loss_section,
@@ -62,7 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.parallel = parallel_section()
     cfg.sampling = dict(cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, more_smooth=False)
     cfg.grid = dict(classes=tuple(range(10)), per_class=8)
-    cfg.eval = dict(sample_batches=5)  # x 10 classes x per_class samples scored by the classifier
+    cfg.eval = digits_eval_section()  # report: class fidelity + digits FID; digits FID every 500 steps
     if arg == "smoke":
         make_smoke(cfg)
     elif arg:

@@ -55,6 +55,25 @@ def _run_main(args, log: Path | None = None):
     )
 
 
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the scalars in the event files under `logdir`, read as TFRecords with
+    tensorboardX's Event proto (tensorboard itself, with its reader, is not a dependency)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        raw, pos = path.read_bytes(), 0
+        while pos + 12 <= len(raw):
+            (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])  # after length + its crc
+            pos += 12 + length + 4  # the data's crc
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+    return scalars
+
+
 def _run_sample(args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
@@ -75,15 +94,17 @@ def test_binary_trains_and_its_workdir_samples(tmp_path, name):
     """The binary end to end: checkpoints, PNGs, metrics.jsonl with step + metric names, TensorBoard events, a report
     and the generator export; VAR's samples are classified as the class they were asked for well above chance. Then
     `jaxgen.sample` in another process, with the same config and `--config.checkpoint=<workdir>`, draws the same
-    tokens as the in-process sampler with the same key, from the exported EMA params."""
+    tokens as the in-process sampler with the same key, from the exported EMA params. The digits FID is logged at
+    eval.every and at the end (metrics.jsonl and TensorBoard) and reported above its real-data floor."""
     run = _RUNS[name]
     steps_tok, steps_gen = run["steps"]
+    fid_every = steps_gen // 2  # two digits-FID evals of 20 samples (the smoke's eval.fid_samples: one grid)
     overrides = [
         f"--config.train_tokenizer.steps={steps_tok}", f"--config.train_generator.steps={steps_gen}",
         f"--config.train_tokenizer.ckpt_every={steps_tok}", f"--config.train_generator.ckpt_every={steps_gen}",
         "--config.train_tokenizer.log_every=5", "--config.train_generator.log_every=5",
         "--config.train_tokenizer.sample_every=0", "--config.train_generator.sample_every=0",
-        "--config.eval.sample_batches=2",
+        "--config.eval.sample_batches=2", f"--config.eval.every={fid_every}",
     ]  # fmt: skip
     workdir = tmp_path / "run"
     proc = _run_main([f"--config=configs/{name}.py:smoke", *overrides, f"--workdir={workdir}"])
@@ -96,15 +117,31 @@ def test_binary_trains_and_its_workdir_samples(tmp_path, name):
         assert report["generator"]["class_fidelity"] >= run["min_fidelity"], report["generator"]
     assert "psnr" in report["tokenizer"]
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert {"tokenizer", "tokenizer_eval", "generator"} == {x["stage"] for x in lines}
-    assert all("step" in x and "loss" in x for x in lines if x["stage"] != "tokenizer_eval")
+    assert {"tokenizer", "tokenizer_eval", "generator", "generator_eval"} == {x["stage"] for x in lines}
+    assert all("step" in x and "loss" in x for x in lines if not x["stage"].endswith("_eval"))
+    fid_rows = [x for x in lines if x["stage"] == "generator_eval"]
+    assert [x["step"] for x in fid_rows] == [fid_every, steps_gen], fid_rows
+    assert all(x["num_samples"] == 20 and x["digits_fid"] > 0 and x["digits_fid_real_floor"] > 0 for x in fid_rows)
+    gen = report["generator"]
+    floor = gen["digits_fid_real_floor"]
+    assert gen["digits_fid_classifier_accuracy"] > 0.9 and "fid_inception" not in gen  # smoke: no Inception FID
+    if run["min_fidelity"] is not None:
+        # 300 steps: 67 at step 150 -> 10.2 at 300 (20 samples; the floor of 20 real: 15 +- 3.4); the report's 40
+        # samples 10.3, the floor of 40 real 9.7 +- 1.7: as good as real digits, within the floor's spread
+        assert fid_rows[-1]["digits_fid"] < 0.5 * fid_rows[0]["digits_fid"], fid_rows
+        assert floor < gen["digits_fid"] + 3 * gen["digits_fid_real_floor_std"] and gen["digits_fid"] < 2 * floor, gen
+    else:  # 10 steps: noise-like samples (~320; the floor ~10)
+        assert gen["digits_fid"] > 10 * floor and all(x["digits_fid"] > 10 * floor for x in fid_rows), gen
     assert [set(x) >= {"psnr", "ssim", "codebook_usage"} for x in lines if x["stage"] == "tokenizer_eval"] == [True]
     assert any("psnr" in x and "codebook_usage" in x for x in lines if x["stage"] == "tokenizer")
     for stage, steps in (("tokenizer", steps_tok), ("generator", steps_gen)):
         assert ocp.CheckpointManager(workdir / stage / "checkpoints").latest_step() == steps
         assert len(list((workdir / stage / "samples").glob("*.png"))) == 1  # sample_every=0: the final grid only
         assert (workdir / stage / "export" / "config.json").is_file()
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    tb = _tensorboard_scalars(workdir / "tensorboard")
+    assert [step for step, _ in tb["generator_eval/digits_fid"]] == [fid_every, steps_gen]
+    assert [v for _, v in tb["generator_eval/digits_fid"]] == pytest.approx([x["digits_fid"] for x in fid_rows])
+    assert "generator/loss" in tb and "tokenizer_eval/psnr" in tb
     assert (workdir / "final_samples.png").is_file()
     assert "parameters:" in err and "total:" in err and "steps/s" in err
 
@@ -320,7 +357,7 @@ def test_generator_eval_scores_real_digits_as_faithful(tmp_path):
     """The eval plumbing (sampler output in [0, 1] -> classifier input in [-1, 1], labels, grid): real train-split
     digits standing in for the samples score near the classifier's real accuracy; shifted labels score low."""
     from jaxgen import data as data_lib
-    from jaxgen.train.loop import _generator_eval
+    from jaxgen.train.loop import _generator_eval, _real_digits
 
     cfg = _tiny_var()
     cfg.eval.sample_batches = 1
@@ -337,10 +374,15 @@ def test_generator_eval_scores_real_digits_as_faithful(tmp_path):
             idx = np.concatenate([np.flatnonzero(real["label"] == (c + self.shift) % 10)[:4] for c in range(10)])
             return type("Out", (), {"images": (real["image"][idx] + 1.0) / 2.0})()
 
-    good = _generator_eval(cfg, RealDigits(0), None, None, labels, tmp_path)
-    bad = _generator_eval(cfg, RealDigits(1), None, None, labels, tmp_path)
+    digits = _real_digits(cfg)  # fitted once, for both
+    good = _generator_eval(cfg, RealDigits(0), None, None, labels, tmp_path, digits)
+    bad = _generator_eval(cfg, RealDigits(1), None, None, labels, tmp_path, digits)
     assert len(picks) == 40 and good["num_samples"] == 40
     assert good["class_fidelity"] >= 0.9 and bad["class_fidelity"] <= 0.2
+    # real digits: a digits FID about the floor; the same images drawn for the wrong labels: the same FID (FID does
+    # not read labels, class fidelity does)
+    assert 0 < good["digits_fid"] < 3 * good["digits_fid_real_floor"], good
+    assert bad["digits_fid"] == pytest.approx(good["digits_fid"], rel=1e-4)
     assert (tmp_path / "final_samples.png").is_file()
 
 

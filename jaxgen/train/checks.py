@@ -29,8 +29,9 @@ _NOT_PARAM_FIELDS = ("dtype", "attn_backend", "ema_decay", "dead_code_threshold"
 def check_config(config) -> None:
     """Raise ValueError for a config that cannot work: unknown stages; image size vs the tokenizer's downsampling and
     token grid; the LPIPS weight file; a train section's sizes and cadence (positive, micro-batches that divide the
-    batch, a batch that splits over the mesh's batch axes and the processes, checkpoints on logged steps); and, for a
-    generator-only run, a tokenizer checkpoint that is not the tokenizer the config builds."""
+    batch, a batch that splits over the mesh's batch axes and the processes, checkpoints on logged steps); for a
+    generator-only run, a tokenizer checkpoint that is not the tokenizer the config builds; and the eval section's
+    sizes and cadence."""
     stages = tuple(config.get("stages", ()))
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
@@ -51,6 +52,8 @@ def check_config(config) -> None:
         check_train_section(config[f"train_{stage}"], f"train_{stage}", batch_axes, jax.process_count())
     if "generator" in stages and "tokenizer" not in stages:
         check_tokenizer_checkpoint(config)
+    if "generator" in stages and config.get("eval") is not None:
+        check_eval_section(config.eval)
 
 
 def batch_mesh_axes(config) -> dict[str, int]:
@@ -105,6 +108,31 @@ def check_train_section(t, where: str, batch_axes: dict[str, int], num_processes
         raise ValueError(
             f"{where}.ckpt_every={t.ckpt_every} must be a multiple of log_every={t.log_every} "
             f"(a checkpoint is written only after its loss was checked to be finite)"
+        )
+
+
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_eval_section(e) -> None:
+    """The checks of the `eval` section (`jaxgen.train.sections.digits_eval_section`): sizes and cadence of the
+    generator's evals; fields a recipe does not have are off."""
+    batches = e.get("sample_batches", 0)
+    if not _int_at_least(batches, 0):
+        raise ValueError(f"eval.sample_batches={batches!r}: must be an integer >= 0 (0 = no final report of samples)")
+    every = e.get("every", 0)
+    if not _int_at_least(every, 0):
+        raise ValueError(f"eval.every={every!r}: must be an integer >= 0 (steps between digits-FID evals; 0 = off)")
+    if every > 0 and not _int_at_least(e.get("fid_samples"), 2):
+        raise ValueError(
+            f"eval.fid_samples={e.get('fid_samples')!r}: must be an integer >= 2 when eval.every={every} > 0 (a "
+            f"covariance needs 2 samples; ~200 give a stable number), or set eval.every=0"
+        )
+    inception = e.get("inception_fid_images", 0)
+    if not _int_at_least(inception, 0) or inception == 1:
+        raise ValueError(
+            f"eval.inception_fid_images={inception!r}: must be 0 (off) or an integer >= 2 (a covariance needs 2 images)"
         )
 
 

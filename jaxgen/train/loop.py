@@ -2,8 +2,10 @@
 
     stage "tokenizer":  images -> train the tokenizer (reconstruction + codebook + commitment losses)
     pretokenize:        the train split -> token-id shards (workdir/tokens), once
-    stage "generator":  token ids -> train the generator (next scale / next token), sample grids on the way
-    evaluate:           class-conditional samples -> a held-out digit classifier's agreement (report.json)
+    stage "generator":  token ids -> train the generator (next scale / next token), sample grids on the way, and
+                        every `eval.every` steps the digits FID of class-balanced samples (metrics.jsonl, TensorBoard)
+    evaluate:           class-conditional samples -> a held-out digit classifier's agreement and the digits FID
+                        beside its real-data floor (report.json); the Inception FID too when its weights are installed
 
 Every stage runs the same `train_stage` (one loop for every model): a jitted, sharded `train_step`, a progress line,
 metrics.jsonl + TensorBoard, Orbax checkpoints that resume exactly, and a clean stop when the loss is not finite.
@@ -11,10 +13,11 @@ metrics.jsonl + TensorBoard, Orbax checkpoints that resume exactly, and a clean 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +112,11 @@ def train_stage(
     rules,
     seed: int,
     writer: MetricsWriter,
-    sample_fn: Callable[[Any, int], None] | None = None,
+    callbacks: Sequence[tuple[int, Callable[[Any, int], None]]] = (),
 ) -> Any:
     """Train `task` for `tc.steps` steps (resuming from stage_dir/checkpoints if present); returns the final
-    state (params, EMA params, ...). `sample_fn(task.export(state), step)` writes grids on the way."""
+    state (params, EMA params, ...). Each `(every, fn)` of `callbacks` runs `fn(task.export(state), step)` at the
+    steps that are multiples of `every` (0: none) and at the last step, on every process (grids, evals)."""
     data_iter = data_lib.make_train_iterator(data_cfg, global_batch_size=int(tc.batch_size), seed=seed)
     tx = task.optimizer(tc)
     schedule = learning_rate_schedule(tc)
@@ -197,8 +201,11 @@ def train_stage(
                 progress.close()
                 mngr.close()  # waits until the checkpoint is complete
                 raise preemption.Preempted(task.name, step, int(tc.steps), stop.signum, mngr.directory / str(step))
-            if sample_fn is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
-                sample_fn(task.export(state), step)
+            due = [fn for every, fn in callbacks if (every and step % every == 0) or step == tc.steps]
+            if due:
+                exported = task.export(state)
+                for fn in due:
+                    fn(exported, step)
         progress.close()
     mngr.close()
     return state
@@ -314,7 +321,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             rules=rules,
             seed=int(config.seed),
             writer=writer,
-            sample_fn=_tokenizer_sample_fn(inference_tok, config, workdir / "tokenizer"),
+            callbacks=[(int(t.sample_every), _tokenizer_sample_fn(inference_tok, config, workdir / "tokenizer"))],
         )
         exported = task.export(state)
         _export(workdir / "tokenizer", {family.tokenizer_key: exported}, family, sections)
@@ -353,6 +360,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             scale=max(1, 64 // images.shape[1]),
         )
 
+    callbacks = [(int(g.sample_every), sample_grid)]
+    eval_every, scored = int(config.eval.get("every", 0)), int(config.eval.get("sample_batches", 0)) > 0
+    real = _real_digits(config) if eval_every > 0 or scored else None
+    if eval_every > 0:
+        fid_fn = _digits_fid_callback(config, sampler, tok_params, len(grid_labels), real, writer)
+        callbacks.append((eval_every, fid_fn))
     task = generator_task(family, plain_tok, generator, tok_params)
     state = train_stage(
         task,
@@ -363,14 +376,14 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         rules=rules,
         seed=int(config.seed) + 1,
         writer=writer,
-        sample_fn=sample_grid,
+        callbacks=callbacks,
     )
     gen_params = task.export(state)
     _export(
         workdir / "generator", {family.tokenizer_key: tok_params, family.generator_key: gen_params}, family, sections
     )
-    if int(config.eval.get("sample_batches", 0)) > 0:
-        report["generator"] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir)
+    if scored:
+        report["generator"] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir, real)
     return _finish(report, workdir, writer, t_start)
 
 
@@ -388,20 +401,144 @@ def _tokenizer_eval(tokenizer, params, config, loss_cfg: TokenizerLossConfig) ->
     return result
 
 
-def _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir: Path) -> dict:
-    """Class fidelity: samples for every class, scored by a classifier fit on the real held-out split."""
-    from jaxgen.eval.class_fidelity import fit_classifier
+@dataclasses.dataclass(frozen=True)
+class _RealDigits:
+    """What the generator evals compare samples with, made once per run (on every process): the real train and
+    held-out (`data.eval_split`) arrays, the class-fidelity classifier (fitted on the held-out split), the digits
+    FID extractor (fitted on the train split) and the held-out split's digits-FID statistics."""
 
+    train: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray]
+    fidelity: Any  # jaxgen.eval.class_fidelity.ClassFidelity
+    fid: Any  # jaxgen.eval.digits_fid.DigitsFID
+    ref: Any  # jaxgen.eval.metrics.FeatureStats of held_out
+    seed: int
+
+    def floor(self, labels: np.ndarray) -> tuple[float, float]:
+        """Mean and standard deviation of the digits FID of real train images with the class counts of `labels`
+        (as many as the samples), over 10 random draws."""
+        floors = self.fid.real_floors(self.train["image"], self.train["label"], labels, self.ref, seed=self.seed)
+        return float(np.mean(floors)), float(np.std(floors))
+
+
+def _real_digits(config) -> _RealDigits:
+    from jaxgen.eval.class_fidelity import fit_classifier
+    from jaxgen.eval.digits_fid import DigitsFID
+
+    t0 = time.perf_counter()
     held_out = data_lib.load_eval_arrays(config.data, config.data.eval_split)
     train = data_lib.load_eval_arrays(config.data, config.data.train_split)
-    classifier = fit_classifier(held_out["image"], held_out["label"], seed=int(config.seed))
+    seed = int(config.seed)
+    fidelity = fit_classifier(held_out["image"], held_out["label"], seed=seed)
+    fid = DigitsFID.fit(train["image"], train["label"], seed=seed)
+    real = _RealDigits(train, held_out, fidelity, fid, fid.reference(held_out["image"]), seed)
+    logging.info(
+        "digits FID: classifier fitted on %d train images (held-out accuracy %.3f) in %.1f s",
+        len(train["image"]), fid.accuracy(held_out["image"], held_out["label"]), time.perf_counter() - t0,
+    )  # fmt: skip
+    return real
+
+
+def _digits_fid_callback(config, sampler, tok_params, batch: int, real: _RealDigits, writer: MetricsWriter):
+    """`fn(gen_params, step)` for `train_stage`: `eval.fid_samples` class-balanced samples (rounded up to whole
+    batches of `batch`, the grid's size, so the sampler compiled for the grid serves), their digits FID and class
+    fidelity, and the real floor for as many samples (mean and std over 10 draws), to metrics.jsonl + TensorBoard
+    (stage "generator_eval") and the log. Every process samples (the sampler may be sharded); MetricsWriter writes
+    on process 0 only."""
+    classes = np.unique(real.held_out["label"]).astype(np.int32)
+    num_batches = max(1, -(-int(config.eval.fid_samples) // batch))
+    labels = (np.arange(num_batches * batch) % len(classes)).astype(np.int32)
+    labels = classes[labels].reshape(num_batches, batch)
+    floor, floor_std = real.floor(labels.reshape(-1))
+
+    def evaluate(gen_params, step: int) -> None:
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(jax.random.key(20_000 + int(config.seed)), step)
+        images = np.concatenate(
+            [_generate(sampler, gen_params, tok_params, y, jax.random.fold_in(key, i)) for i, y in enumerate(labels)]
+        )
+        x = images * 2.0 - 1.0  # the samplers' [0, 1] -> the data's [-1, 1]
+        try:
+            fid = real.fid.distance(x, real.ref)
+        except ValueError as e:  # degenerate covariances (e.g. collapsed samples): log it, do not stop training
+            logging.warning("[generator_eval] step %d: no digits FID: %s", step, e)
+            fid = float("nan")
+        row = {
+            "digits_fid": fid,
+            "digits_fid_real_floor": floor,
+            "digits_fid_real_floor_std": floor_std,
+            "class_fidelity": real.fidelity.score(x, labels.reshape(-1))["class_fidelity"],
+            "num_samples": len(x),
+        }
+        writer.write(step, row, stage="generator_eval")
+        logging.info(
+            "[generator_eval] step %d: digits FID %.4g (real floor %.3g +- %.2g), class fidelity %.3f, %d samples, "
+            "%.1f s",
+            step, row["digits_fid"], floor, floor_std, row["class_fidelity"], len(x), time.perf_counter() - t0,
+        )  # fmt: skip
+
+    return evaluate
+
+
+def _inception_fid(images01: np.ndarray, ref_images01: np.ndarray, floor_images01: np.ndarray) -> dict | None:
+    """FID with the real FID Inception-v3 (pool features, ADM pipeline) of `images01` against `ref_images01`, and of
+    `floor_images01` (real images, as many) against the same reference: `{"fid_inception", "fid_inception_real_floor",
+    "fid_inception_images"}`; all `[N, H, W, C]` in [0, 1], 1 or 3 channels. None when no weights are installed."""
+    from jaxgen.eval import metrics
+    from jaxgen.eval.inception import default_extractor
+
+    extractor = default_extractor()
+    if extractor is None:
+        return None
+
+    def stats(x01: np.ndarray):
+        x = np.asarray(x01, np.float32)
+        x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+        u8 = np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
+        return metrics.feature_statistics(extractor.features(u8)["pool"])
+
+    ref = stats(ref_images01)
+    fid = metrics.frechet_distance(stats(images01), ref) if np.all(np.isfinite(images01)) else float("nan")
+    floor = metrics.frechet_distance(stats(floor_images01), ref)
+    return {
+        "fid_inception": float(fid),
+        "fid_inception_real_floor": float(floor),
+        "fid_inception_images": len(images01),
+    }
+
+
+def _generator_eval(
+    config, sampler, gen_params, tok_params, grid_labels, workdir: Path, real: _RealDigits | None = None
+) -> dict:
+    """Class fidelity (samples for every class, scored by a classifier fit on the real held-out split) and the
+    digits FID of the same samples to the held-out split, beside `digits_fid_real_floor` (+ `_std`: as many real
+    train images, same classes, 10 draws); with `eval.inception_fid_images` = n > 0, the real-weight Inception FID
+    of n samples against n held-out images beside that of n real train images (when the weights are installed)."""
+    real = real if real is not None else _real_digits(config)
     images, labels = [], []
     for i in range(int(config.eval.sample_batches)):
         images.append(_generate(sampler, gen_params, tok_params, grid_labels, jax.random.key(10_000 + i)))
         labels.append(grid_labels)
     images, labels = np.concatenate(images), np.concatenate(labels)
-    result = classifier.score(images * 2.0 - 1.0, labels)  # the classifier reads [-1, 1], as the data pipeline
-    result["classifier_accuracy_real"] = float(classifier.real_accuracy(train["image"], train["label"]))
+    x = images * 2.0 - 1.0  # the classifiers read [-1, 1], as the data pipeline
+    result = real.fidelity.score(x, labels)
+    result["classifier_accuracy_real"] = float(real.fidelity.real_accuracy(real.train["image"], real.train["label"]))
+    if len(x) >= 2:
+        result["digits_fid"] = real.fid.distance(x, real.ref)
+        result["digits_fid_real_floor"], result["digits_fid_real_floor_std"] = real.floor(labels)
+        result["digits_fid_classifier_accuracy"] = real.fid.accuracy(real.held_out["image"], real.held_out["label"])
+    n = min(int(config.eval.get("inception_fid_images", 0)), len(images), len(real.held_out["image"]))
+    if n >= 2:
+        t0 = time.perf_counter()
+        to01 = lambda x: (x[:n] + 1.0) / 2.0  # the data pipeline's [-1, 1] -> [0, 1]
+        fids = _inception_fid(images[:n], to01(real.held_out["image"]), to01(real.train["image"]))
+        if fids is None:
+            logging.info("fid_inception not reported: no FID Inception weights installed (docs/evaluation.md)")
+        else:
+            result.update(fids)
+            logging.info("fid_inception %.4g (real floor %.4g; %d samples vs %d held-out) in %.1f s",
+                         fids["fid_inception"], fids["fid_inception_real_floor"], n, n,
+                         time.perf_counter() - t0)  # fmt: skip
     n = int(config.grid.per_class)
     save_grid(
         images[: len(grid_labels)],
