@@ -29,15 +29,21 @@ from jaxgen.eval import adm_npz, metrics
 from jaxgen.eval.inception import PIPELINES, InceptionExtractor
 from jaxgen.eval.inception_weights import default_weights_path, find_default_weights, load_inception_params
 
-_SAMPLES = flags.DEFINE_string("samples", None, "sample batch: ADM .npz, a directory of chunk .npz or of images")
-_REF = flags.DEFINE_string("ref", None, "reference batch: ADM .npz with arr_0 and / or mu, sigma, mu_s, sigma_s")
-_WEIGHTS = flags.DEFINE_string("weights", "", "FID Inception weights (.npz / .pth / fid-helper .pt)")
-_PIPELINE = flags.DEFINE_enum("pipeline", "adm", PIPELINES, "input pipeline: adm (TF1 resize) or pytorch_fid")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "images per Inception call (split over the local devices)")
-_SPLIT = flags.DEFINE_integer("is_split_size", 5000, "Inception Score: consecutive chunks of this many samples")
-_SHUFFLED = flags.DEFINE_bool("is_shuffled", False, "also torch-fidelity's IS (10 shuffled splits, mean and std)")
-_K = flags.DEFINE_integer("k", 3, "precision / recall: the k-th nearest neighbour radius")
-_OUT = flags.DEFINE_string("out", "", "also write the JSON here")
+
+def define_flags() -> dict:
+    """The binary's absl flags, defined only when it runs (`python -m jaxgen.evaluate`): importing this module
+    defines none, so it can share a process with the other binaries (`--batch_size` is also jaxgen.sample's)."""
+    return dict(
+        samples=flags.DEFINE_string("samples", None, "sample batch: ADM .npz, a directory of chunk .npz or of images"),
+        ref=flags.DEFINE_string("ref", None, "reference batch: ADM .npz with arr_0 and / or mu, sigma, mu_s, sigma_s"),
+        weights=flags.DEFINE_string("weights", "", "FID Inception weights (.npz / .pth / fid-helper .pt)"),
+        pipeline=flags.DEFINE_enum("pipeline", "adm", PIPELINES, "input pipeline: adm (TF1 resize) or pytorch_fid"),
+        batch_size=flags.DEFINE_integer("batch_size", 64, "images per Inception call (split over the local devices)"),
+        is_split_size=flags.DEFINE_integer("is_split_size", 5000, "IS: consecutive chunks of this many samples"),
+        is_shuffled=flags.DEFINE_bool("is_shuffled", False, "also torch-fidelity's IS (10 shuffled splits)"),
+        k=flags.DEFINE_integer("k", 3, "precision / recall: the k-th nearest neighbour radius"),
+        out=flags.DEFINE_string("out", "", "also write the JSON here"),
+    )
 
 
 def resolve_weights(path: str) -> Path:
@@ -139,30 +145,31 @@ def evaluate(
     return report
 
 
-def run(samples: str, ref: str) -> dict:
+def run(flag: dict) -> dict:
     report = evaluate(
-        samples,
-        ref,
-        _WEIGHTS.value,
-        pipeline=_PIPELINE.value,
-        batch_size=_BATCH.value,
-        is_split_size=_SPLIT.value,
-        is_shuffled=_SHUFFLED.value,
-        k=_K.value,
+        flag["samples"].value,
+        flag["ref"].value,
+        flag["weights"].value,
+        pipeline=flag["pipeline"].value,
+        batch_size=flag["batch_size"].value,
+        is_split_size=flag["is_split_size"].value,
+        is_shuffled=flag["is_shuffled"].value,
+        k=flag["k"].value,
     )
-    if _OUT.value:
-        Path(_OUT.value).write_text(json.dumps(report, indent=1))
+    if flag["out"].value:
+        Path(flag["out"].value).write_text(json.dumps(report, indent=1))
     return report
 
 
-def main(argv):
+def main(argv, flag: dict):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    report = cli.run_user_command(run, _SAMPLES.value, _REF.value)
+    report = cli.run_user_command(run, flag)
     json.dump(report, sys.stdout, indent=1)
     print()
 
 
 if __name__ == "__main__":
+    _flags = define_flags()
     flags.mark_flags_as_required(["samples", "ref"])
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)

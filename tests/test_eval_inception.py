@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxgen.convert import verify
-from jaxgen.eval.golden import fixture_state_dict
+from jaxgen.eval.golden import NOT_COMPARED, fixture_state_dict
 from jaxgen.eval.inception import FIDInceptionV3, InceptionExtractor, check_uint8_images, preprocess
 from jaxgen.eval.inception_weights import (
     expected_state_dict_shapes,
@@ -38,8 +38,10 @@ def test_golden_fixture_matches_the_reference_evaluators(tmp_path, capsys):
     assert rc == 0 and report["ok"], bad
     meta = json.loads(EVAL_FIXTURE_A.with_suffix(".json").read_text())
     with np.load(EVAL_FIXTURE_A) as ref, np.load(dump) as ours:
-        for k in (k for k in ref.files if k.startswith("out/")):  # every reference name, same shape
-            assert k in ours.files and ours[k].shape == ref[k].shape, k
+        for k in ref.files:  # every reference name but ADM's float16 radii / decisions, same shape
+            if k.startswith("out/") and not any(s in k for s in NOT_COMPARED):
+                assert k in ours.files and ours[k].shape == ref[k].shape, k
+        assert ours["out/stat_pool_exact_radii_ref"].shape == ref["out/stat_pool_adm_radii_ref"].shape
         for name, entry in meta["stats"].items():
             res = entry["results"]
             # README: FID relative 1e-6 (full rank) / 1e-5 (rank-deficient); measured 2e-9 / 1e-8 here.
