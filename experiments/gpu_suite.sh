@@ -6,7 +6,7 @@
 # `.upstream/` (ignored by git) holds the official checkouts the comparisons run beside jaxgen (VAR/, LlamaGen/) and
 # `.upstream/pylib` the pure-Python packages the device image lacks (ml_collections; pytorch-fid and torch-fidelity
 # for bench_eval: `pip install --no-deps --target .upstream/pylib ml-collections pytorch-fid==0.3.0
-# torch-fidelity==0.4.0`). Without it the jaxgen rows still run. Each step has its own time limit so that one slow
+# torch-fidelity==0.4.0 torchvision==0.28.0`; bench_eval reads only torchvision's models/inception.py). Without it the jaxgen rows still run. Each step has its own time limit so that one slow
 # step cannot eat the others'; a step that fails is logged and the suite goes on. Copy the JSON files into
 # experiments/results/ with the device in the name, and the numbers into experiments/README.md.
 set -uo pipefail
@@ -29,7 +29,9 @@ step() {  # step SECONDS NAME COMMAND...
 }
 
 # Step 7 (eval): Inception images/s beside pytorch-fid / torch-fidelity, FID + P/R time on 50,000 x 2048 features.
-step 120 eval python experiments/bench_eval.py --official_path=.upstream/pylib --out="$OUT/eval_gpu.json"
+# The image lacks the fid-helper wheel: random weights, the same speed (--weights random).
+step 120 eval python experiments/bench_eval.py --official_path=.upstream/pylib --weights=random --images=256 \
+  --batch=64 --out="$OUT/eval_gpu.json"
 # Step 5 (kernels): the block-sparse kernel's tiles, tuned on VAR's masks (one call per scale list).
 step 150 attention_512px python experiments/bench_attention.py --tune --lists=512px --out="$OUT/attention_512px.json"
 step 120 attention_256px python experiments/bench_attention.py --tune --lists=256px --out="$OUT/attention_256px.json"
