@@ -21,9 +21,9 @@ Parts (`--parts`, all by default):
   vs pytorch-fid on these images (and of the logits, and DEFAULT vs HIGHEST precision).
 - `fid`: statistics + Frechet distance on synthetic pool-like features (`relu` of a random rank-256 projection plus
   noise, float32; sample and reference sets differ): `--num_samples` x 2048 and `--num_ref` x 2048. jaxgen
-  `feature_statistics` (both sets; float64 sums on device; the reference set runs twice, the first run's extra time
-  is its jit compile) + `frechet_distance`; pytorch-fid: `np.mean` / `np.cov(rowvar=False)` + its
-  `calculate_frechet_distance`. Both sides use scipy's `sqrtm`.
+  `feature_statistics` (both sets; float64 sums, where `jaxgen.eval.metrics` puts them: host BLAS on CPU, device
+  on GPU; the reference set runs twice, the first run's extra time is any jit compile) + `frechet_distance`;
+  pytorch-fid: `np.mean` / `np.cov(rowvar=False)` + its `calculate_frechet_distance`. Both use scipy's `sqrtm`.
 - `pr`: precision / recall, k = 3: jaxgen `precision_recall(ref, sample)` and torch-fidelity's
   `calculate_precision_recall_full(sample, ref)` (what its `calculate_metrics(prc=True)` calls by default), on the
   first `--pr_samples` sample features (default all) and the reference set. torch-fidelity holds the full `[N, N]`
@@ -37,9 +37,9 @@ Devices: jaxgen runs on `jax.devices()[0]`, torch on CUDA when available (else C
 `torch.set_num_threads(os.cpu_count())`); on GPU, JAX preallocation is capped at 45% unless
 XLA_PYTHON_CLIENT_MEM_FRACTION is set, so torch has room in the same process. The JSON is rewritten after every
 row, so a run cut short keeps what it measured. The JSON records XLA_FLAGS: on CPU, jax 0.10's XLA fuses a matmul
-with the reduction that follows it into one YNNPACK fusion that runs ~3x slower than the matmul alone (the distance
-tiles of `precision_recall`, some Inception convs); `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` turns those
-fusions off (same results).
+with the reduction that follows it into one YNNPACK fusion that runs ~3x slower than the matmul alone;
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` turns those fusions off (same features, the Inception about 2x
+faster on a 2-core CPU; the statistics and precision / recall times did not change).
 
 The reference implementations are not part of this repo. Create DIR once (or pass `--install_official`):
 
