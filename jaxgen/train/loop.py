@@ -485,6 +485,7 @@ def _inception_fid(images01: np.ndarray, ref_images01: np.ndarray, floor_images0
     `floor_images01` (real images, as many) against the same reference: `{"fid_inception", "fid_inception_real_floor",
     "fid_inception_images"}`; all `[N, H, W, C]` in [0, 1], 1 or 3 channels. None when no weights are installed."""
     from jaxgen.eval import metrics
+    from jaxgen.eval.adm_npz import float_to_uint8
     from jaxgen.eval.inception import default_extractor
 
     extractor = default_extractor()
@@ -494,8 +495,7 @@ def _inception_fid(images01: np.ndarray, ref_images01: np.ndarray, floor_images0
     def stats(x01: np.ndarray):
         x = np.asarray(x01, np.float32)
         x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-        u8 = np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
-        return metrics.feature_statistics(extractor.features(u8)["pool"])
+        return metrics.feature_statistics(extractor.features(float_to_uint8(x))["pool"])
 
     ref = stats(ref_images01)
     fid = metrics.frechet_distance(stats(images01), ref) if np.all(np.isfinite(images01)) else float("nan")
