@@ -39,7 +39,13 @@ def group_norm(name: str | None = None, dtype: Any = jnp.float32) -> nn.GroupNor
 
 
 def conv(
-    features: int, kernel: int, name: str | None = None, stride: int = 1, padding: Any = None, dtype: Any = jnp.float32
+    features: int,
+    kernel: int,
+    name: str | None = None,
+    stride: int = 1,
+    padding: Any = None,
+    dtype: Any = jnp.float32,
+    use_bias: bool = True,
 ) -> nn.Conv:
     """A 2D conv with torch's 'same' padding (kernel // 2) unless `padding` is given."""
     if padding is None:
@@ -49,6 +55,7 @@ def conv(
         (kernel, kernel),
         strides=(stride, stride),
         padding=padding,
+        use_bias=use_bias,
         dtype=dtype,
         kernel_init=logical(nn.linear.default_kernel_init, ("conv_h", "conv_w", "conv_in", "conv_out")),
         bias_init=logical(nn.initializers.zeros_init(), ("conv_out",)),

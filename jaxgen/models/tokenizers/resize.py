@@ -168,3 +168,13 @@ def nearest_upsample_2x(x: jax.Array) -> jax.Array:
     """Torch ``scale_factor=2, mode='nearest'``: ``[B, H, W, C]`` -> ``[B, 2H, 2W, C]``."""
     _check(x)
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """TF-style 2x2 average pool with stride 2 and 'SAME' padding: `[B, H, W, C]` -> `[B, ceil(H/2), ceil(W/2), C]`;
+    the padding cells of an odd edge are not counted in the mean (Flax's `avg_pool` counts them)."""
+    _check(x)
+    window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
+    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
+    count = jax.lax.reduce_window(jnp.ones_like(x), jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
+    return total / count

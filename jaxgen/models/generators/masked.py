@@ -1,0 +1,280 @@
+"""MaskGIT's bidirectional transformer (Chang et al., 2022): BERT-style, post-LayerNorm, predicts every masked token
+of the sequence at once.
+
+Sequence layout `[B, 1 + N]`: position 0 is the class token (id K + label), positions 1..N the image tokens in the
+tokenizer's order (row-major), each a code id 0..K-1 or the mask. Vocabulary rows: 0..K-1 codes, K..K+C-1 classes,
+then the null class K+C when `class_dropout_prob` > 0 (guidance; not in the release), and the mask id last
+(`mask_id` = V-1). Upstream writes the mask as -1 and reads the last row because negative indices wrap in
+`jnp.take`; `__call__` maps every negative id to `mask_id`, so -1 works here too.
+
+Embedding: word table + learned positions, LayerNorm, dropout. Layer: multi-head self-attention with biases (the
+shared `jaxgen.models.attention.attention` with the `full` mask), dropout, LayerNorm(attn + x); Dense, tanh-GELU,
+Dense, dropout, LayerNorm(y + h). Head: Dense, GELU, LayerNorm, logits = h @ word_table^T (tied) + a per-vocab
+bias. Every LayerNorm has eps 1e-12.
+
+Parameter names are upstream's Flax names (`TransformerLayer_3/Attention_0/self_attention/query/kernel` `[D, H,
+hd]`, `MlmLayer_0/mlm_bias/bias`), so released checkpoints load leaf for leaf. Logical axes: width 'embed', heads
+'heads', head_dim 'kv', MLP 'mlp', vocabulary rows 'vocab', positions 'length', norms 'norm'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxgen.models.attention import attention, attention_mask, check_backend
+from jaxgen.models.layers import layer_norm
+from jaxgen.parallel.logical import constrain, logical
+
+LAYER_NORM_EPS = 1e-12  # BERT's
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedConfig:
+    """Hyper-parameters of the masked generator (defaults: the released ImageNet 256 px model, 172,457,193 params)."""
+
+    codebook_size: int = 1024  # K: image codes (the tokenizer's vocabulary)
+    num_classes: int = 1000  # C
+    num_tokens: int = 256  # N image tokens (16 x 16); the position table has N + 1 rows
+    hidden_size: int = 768
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 3072
+    dropout: float = 0.1  # after the embeddings, the attention output and the MLP (training only)
+    attention_dropout: float = 0.1  # on the attention probabilities (training only; the 'xla' backend)
+    class_dropout_prob: float = 0.0  # > 0: label dropout to a null class row, for classifier-free guidance
+    initializer_range: float = 0.02  # truncated normal (+-2 sd) for kernels and tables
+    dtype: str = "float32"  # compute dtype of the matmuls; params, LayerNorms, softmax and logits stay float32
+    attn_backend: str = "xla"  # "xla" | "cudnn" | "pallas" (see jaxgen.models.attention)
+
+    def __post_init__(self):
+        check_backend(self.attn_backend, "MaskedConfig.attn_backend")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"MaskedConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        for name in ("codebook_size", "num_classes", "num_tokens", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MaskedConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_dropout > 0 and self.attn_backend != "xla":
+            raise ValueError(
+                f"MaskedConfig: attention_dropout={self.attention_dropout} needs attn_backend='xla' (the fused kernels "
+                f"have no dropout on the attention probabilities); set attention_dropout=0.0 to train on "
+                f"{self.attn_backend!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def seq_len(self) -> int:
+        """Positions: the class token and the N image tokens (upstream's max_position_embeddings)."""
+        return self.num_tokens + 1
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    @property
+    def null_class(self) -> int:
+        """The unconditional label (its token is K + C); exists only with `class_dropout_prob` > 0."""
+        return self.num_classes
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the word table: K codes + C classes (+ the null class) + the mask."""
+        return self.codebook_size + self.num_classes + int(self.has_null_class) + 1
+
+    @property
+    def mask_id(self) -> int:
+        """The mask's row: always the last (what upstream's -1 reads)."""
+        return self.vocab_size - 1
+
+    def class_token(self, labels):
+        """Label (or the null class) -> its token id K + label."""
+        return labels + self.codebook_size
+
+
+def _init(config: MaskedConfig, names):
+    """Upstream's initialiser: truncated normal in [-2, 2] sd, times `initializer_range`."""
+    std = config.initializer_range
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) * std
+
+    return logical(init, names)
+
+
+def _zeros(names):
+    return logical(nn.initializers.zeros_init(), names)
+
+
+class SelfAttention(nn.Module):
+    """Flax-layout multi-head self-attention: `query` / `key` / `value` kernels `[D, H, hd]` with biases `[H, hd]`,
+    `out` kernel `[H, hd, D]`; softmax(q k^T / sqrt(hd)) over every position (the `full` mask)."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_bld: jax.Array, train: bool) -> jax.Array:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        b, seq, d = x_bld.shape
+
+        def project(name):
+            return nn.DenseGeneral(
+                (c.num_heads, c.head_dim),
+                dtype=dtype,
+                kernel_init=_init(c, ("embed", "heads", "kv")),
+                bias_init=_zeros(("heads", "kv")),
+                name=name,
+            )(x_bld)
+
+        q, k, v = (jnp.swapaxes(project(n), 1, 2) for n in ("query", "key", "value"))  # [B, H, L, hd]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        mask = attention_mask("full", seq)
+        if train and c.attention_dropout > 0:
+            out = _dropout_attention(q, k, v, scale, c.attention_dropout, self.make_rng("dropout"))
+        else:
+            out = attention(q, k, v, mask=mask, scale=scale, backend=c.attn_backend)
+        out = constrain(jnp.swapaxes(out, 1, 2), ("batch", "length", "heads", "kv"))  # [B, L, H, hd]
+        return nn.DenseGeneral(
+            d,
+            axis=(-2, -1),
+            dtype=dtype,
+            kernel_init=_init(c, ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="out",
+        )(out)
+
+
+def _dropout_attention(q, k, v, scale: float, rate: float, key: jax.Array) -> jax.Array:
+    """Dense attention with dropout on the probabilities (training with `attention_dropout`): `[B, H, L, hd]`."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def _dense(config: MaskedConfig, features: int, names, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(config.dtype),
+        kernel_init=_init(config, names),
+        bias_init=_zeros(names[1:]),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Self-attention, dropout, then LayerNorm(attn + x) (post-LN)."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_bld: jax.Array, train: bool) -> jax.Array:
+        h = SelfAttention(self.config, name="self_attention")(x_bld, train)
+        h = nn.Dropout(self.config.dropout, deterministic=not train)(h)
+        return layer_norm(LAYER_NORM_EPS, name="attention_output_ln")(h.astype(jnp.float32) + x_bld)
+
+
+class Mlp(nn.Module):
+    """Dense D->I, tanh-GELU, Dense I->D, dropout, then LayerNorm(y + x) (post-LN)."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_bld: jax.Array, train: bool) -> jax.Array:
+        c = self.config
+        h = jax.nn.gelu(_dense(c, c.intermediate_size, ("embed", "mlp"), "intermediate_output")(x_bld))
+        h = constrain(h, ("batch", "length", "mlp"))
+        y = _dense(c, c.hidden_size, ("mlp", "embed"), "layer_output")(h)
+        y = nn.Dropout(c.dropout, deterministic=not train)(y)
+        return layer_norm(LAYER_NORM_EPS, name="layer_output_ln")(y.astype(jnp.float32) + x_bld)
+
+
+class TransformerLayer(nn.Module):
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_bld: jax.Array, train: bool) -> jax.Array:
+        x_bld = constrain(x_bld, ("batch", "length", "embed"))
+        h = Attention(self.config, name="Attention_0")(x_bld, train)
+        return Mlp(self.config, name="Mlp_0")(h, train)
+
+
+class Embed(nn.Module):
+    """Word + position embeddings, LayerNorm, dropout: ids `[B, L]` -> `[B, L, D]` float32; also returns the word
+    table (the tied output head reads it)."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, ids_bl: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        words = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init(c, ("vocab", "embed")),
+                         name="word_embeddings")  # fmt: skip
+        positions = nn.Embed(c.seq_len, c.hidden_size, embedding_init=_init(c, ("length", "embed")),
+                             name="position_embeddings")  # fmt: skip
+        x = words(ids_bl) + positions(jnp.arange(ids_bl.shape[-1])[None])
+        x = layer_norm(LAYER_NORM_EPS, name="embeddings_ln")(x)
+        return nn.Dropout(c.dropout, deterministic=not train)(x), words.embedding
+
+
+class MlmLayer(nn.Module):
+    """Dense D->D, GELU, LayerNorm, logits = h @ word_table^T + bias: `[B, L, D]` -> `[B, L, V]` float32."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_bld: jax.Array, word_table_vd: jax.Array) -> jax.Array:
+        c = self.config
+        h = jax.nn.gelu(_dense(c, c.hidden_size, ("embed", "embed"), "mlm_dense")(x_bld))
+        h = layer_norm(LAYER_NORM_EPS, name="mlm_ln")(h)
+        dtype = jnp.dtype(c.dtype)
+        logits = jnp.einsum("bld,vd->blv", h.astype(dtype), word_table_vd.astype(dtype),
+                            preferred_element_type=jnp.float32)  # fmt: skip
+        bias = MlmBias(c.vocab_size, name="mlm_bias")()
+        return constrain(logits + bias, ("batch", "length", "vocab"))
+
+
+class MlmBias(nn.Module):
+    """The per-vocab output bias `[V]` (its own module, as upstream names it `mlm_bias/bias`)."""
+
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("bias", _zeros(("vocab",)), (self.vocab_size,), jnp.float32)
+
+
+class MaskedTransformer(nn.Module):
+    """MaskGIT's transformer. `__call__(ids [B, L]) -> logits [B, L, V]` float32 over every vocabulary row (the
+    samplers and the loss read the first K columns). L <= N + 1; a negative id is the mask."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, ids_bl: Int[Array, "B L"], train: bool = False) -> Float[Array, "B L V"]:
+        c = self.config
+        if ids_bl.ndim != 2 or ids_bl.shape[1] > c.seq_len:
+            raise ValueError(
+                f"MaskedTransformer expects ids [B, L] with L <= {c.seq_len} (the class token + {c.num_tokens} image "
+                f"tokens), got shape {tuple(ids_bl.shape)}"
+            )
+        ids = jnp.asarray(ids_bl, jnp.int32)
+        ids = jnp.where(ids < 0, c.mask_id, ids)
+        x, word_table = Embed(c, name="Embed_0")(ids, train)
+        for i in range(c.num_layers):
+            x = TransformerLayer(c, name=f"TransformerLayer_{i}")(x, train)
+        return MlmLayer(c, name="MlmLayer_0")(x, word_table)
+
+    def example_ids(self, batch: int = 1) -> Any:
+        """Zero ids `[batch, N + 1]` for `init`."""
+        return jnp.zeros((batch, self.config.seq_len), jnp.int32)
