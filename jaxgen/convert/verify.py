@@ -62,8 +62,11 @@ def compare(
             mismatches = int(np.sum(got != ref))
             report[name] = {"ok": mismatches == 0, "exact_match": mismatches == 0, "mismatches": mismatches}
         else:
-            diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-            scale = np.abs(ref).max(initial=0.0) if per_array else np.abs(ref)
+            got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+            with np.errstate(invalid="ignore"):  # inf - inf: equal infinities (e.g. MaskGIT's known-token
+                diff = np.where(got64 == ref64, 0.0, np.abs(got64 - ref64))  # confidence) match, others are NaN
+            scale_ref = np.where(np.isfinite(ref), np.abs(ref), 0.0)
+            scale = scale_ref.max(initial=0.0) if per_array else scale_ref
             worst = float(np.max(diff / np.maximum(1.0, scale))) if diff.size else 0.0
             report[name] = {
                 "ok": worst <= atol,

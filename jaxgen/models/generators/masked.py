@@ -31,6 +31,7 @@ from jaxtyping import Array, Float, Int
 from jaxgen.models.attention import attention, attention_mask, check_backend
 from jaxgen.models.layers import layer_norm
 from jaxgen.parallel.logical import constrain, logical
+from jaxgen.sampling.mask_schedule import check_schedule
 
 LAYER_NORM_EPS = 1e-12  # BERT's
 
@@ -49,14 +50,23 @@ class MaskedConfig:
     dropout: float = 0.1  # after the embeddings, the attention output and the MLP (training only)
     attention_dropout: float = 0.1  # on the attention probabilities (training only; the 'xla' backend)
     class_dropout_prob: float = 0.0  # > 0: label dropout to a null class row, for classifier-free guidance
+    mask_schedule: str = "cosine"  # training: a sample masks ceil(gamma(r) * N) tokens, r ~ U[0, 1)
+    label_smoothing: float = 0.1  # training: of the cross-entropy on the masked tokens
     initializer_range: float = 0.02  # truncated normal (+-2 sd) for kernels and tables
     dtype: str = "float32"  # compute dtype of the matmuls; params, LayerNorms, softmax and logits stay float32
     attn_backend: str = "xla"  # "xla" | "cudnn" | "pallas" (see jaxgen.models.attention)
 
     def __post_init__(self):
         check_backend(self.attn_backend, "MaskedConfig.attn_backend")
+        check_schedule(self.mask_schedule)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"MaskedConfig: label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"MaskedConfig: class_dropout_prob={self.class_dropout_prob} must be in [0, 1)")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"MaskedConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"MaskedConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         for name in ("codebook_size", "num_classes", "num_tokens", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MaskedConfig: {name} must be >= 1, got {getattr(self, name)}")
@@ -114,43 +124,56 @@ def _zeros(names):
     return logical(nn.initializers.zeros_init(), names)
 
 
+class HeadsDense(nn.Module):
+    """Flax's `DenseGeneral` layout of a q / k / v projection: `[B, L, D]` @ kernel `[D, H, hd]` + bias `[H, hd]`
+    -> `[B, L, H, hd]`."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_bld: jax.Array) -> jax.Array:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        shape = (x_bld.shape[-1], c.num_heads, c.head_dim)
+        kernel = self.param("kernel", _init(c, ("embed", "heads", "kv")), shape, jnp.float32)
+        bias = self.param("bias", _zeros(("heads", "kv")), shape[1:], jnp.float32)
+        y = jnp.einsum("bld,dhk->blhk", x_bld.astype(dtype), kernel.astype(dtype))
+        return y + bias.astype(dtype)
+
+
+class HeadsOut(nn.Module):
+    """The attention output projection: `[B, L, H, hd]` @ kernel `[H, hd, D]` + bias `[D]` -> `[B, L, D]`."""
+
+    config: MaskedConfig
+
+    @nn.compact
+    def __call__(self, x_blhk: jax.Array) -> jax.Array:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        shape = (c.num_heads, c.head_dim, c.hidden_size)
+        kernel = self.param("kernel", _init(c, ("heads", "kv", "embed")), shape, jnp.float32)
+        bias = self.param("bias", _zeros(("embed",)), shape[-1:], jnp.float32)
+        return jnp.einsum("blhk,hkd->bld", x_blhk.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
 class SelfAttention(nn.Module):
-    """Flax-layout multi-head self-attention: `query` / `key` / `value` kernels `[D, H, hd]` with biases `[H, hd]`,
-    `out` kernel `[H, hd, D]`; softmax(q k^T / sqrt(hd)) over every position (the `full` mask)."""
+    """Multi-head self-attention in Flax's layout (`query` / `key` / `value` / `out`, see `HeadsDense`,
+    `HeadsOut`): softmax(q k^T / sqrt(hd)) over every position (the `full` mask)."""
 
     config: MaskedConfig
 
     @nn.compact
     def __call__(self, x_bld: jax.Array, train: bool) -> jax.Array:
         c = self.config
-        dtype = jnp.dtype(c.dtype)
-        b, seq, d = x_bld.shape
-
-        def project(name):
-            return nn.DenseGeneral(
-                (c.num_heads, c.head_dim),
-                dtype=dtype,
-                kernel_init=_init(c, ("embed", "heads", "kv")),
-                bias_init=_zeros(("heads", "kv")),
-                name=name,
-            )(x_bld)
-
-        q, k, v = (jnp.swapaxes(project(n), 1, 2) for n in ("query", "key", "value"))  # [B, H, L, hd]
+        seq = x_bld.shape[1]
+        q, k, v = (jnp.swapaxes(HeadsDense(c, name=n)(x_bld), 1, 2) for n in ("query", "key", "value"))  # [B,H,L,hd]
         scale = 1.0 / math.sqrt(c.head_dim)
-        mask = attention_mask("full", seq)
         if train and c.attention_dropout > 0:
             out = _dropout_attention(q, k, v, scale, c.attention_dropout, self.make_rng("dropout"))
         else:
-            out = attention(q, k, v, mask=mask, scale=scale, backend=c.attn_backend)
+            out = attention(q, k, v, mask=attention_mask("full", seq), scale=scale, backend=c.attn_backend)
         out = constrain(jnp.swapaxes(out, 1, 2), ("batch", "length", "heads", "kv"))  # [B, L, H, hd]
-        return nn.DenseGeneral(
-            d,
-            axis=(-2, -1),
-            dtype=dtype,
-            kernel_init=_init(c, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="out",
-        )(out)
+        return HeadsOut(c, name="out")(out)
 
 
 def _dropout_attention(q, k, v, scale: float, rate: float, key: jax.Array) -> jax.Array:
@@ -235,7 +258,7 @@ class MlmLayer(nn.Module):
     @nn.compact
     def __call__(self, x_bld: jax.Array, word_table_vd: jax.Array) -> jax.Array:
         c = self.config
-        h = jax.nn.gelu(_dense(c, c.hidden_size, ("embed", "embed"), "mlm_dense")(x_bld))
+        h = jax.nn.gelu(_dense(c, c.hidden_size, ("embed", None), "mlm_dense")(x_bld))
         h = layer_norm(LAYER_NORM_EPS, name="mlm_ln")(h)
         dtype = jnp.dtype(c.dtype)
         logits = jnp.einsum("bld,vd->blv", h.astype(dtype), word_table_vd.astype(dtype),

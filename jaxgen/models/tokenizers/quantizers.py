@@ -398,7 +398,7 @@ class VectorQuantizer(nn.Module):
         if self.ema_decay > 0:
             e = jax.lax.stop_gradient(self.ema_embedding.value).astype(jnp.float32)
         else:
-            e = self.embedding.embedding.astype(jnp.float32)
+            e = jnp.asarray(self.embedding.embedding, jnp.float32)  # host (numpy) params too: ids may be traced
         return l2_normalize(e) if self.l2_norm else e
 
     def lookup(self, z_bhwc: jax.Array) -> jax.Array:

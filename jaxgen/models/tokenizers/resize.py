@@ -175,6 +175,7 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
     the padding cells of an odd edge are not counted in the mean (Flax's `avg_pool` counts them)."""
     _check(x)
     window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
-    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
-    count = jax.lax.reduce_window(jnp.ones_like(x), jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
+    # a Python 0.0 init makes this the differentiable windowed sum (an array init is a generic reduce_window)
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, "SAME")
+    count = jax.lax.reduce_window(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, jax.lax.add, window, strides, "SAME")
     return total / count
