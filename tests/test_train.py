@@ -86,6 +86,7 @@ def _run_sample(args):
 _RUNS = {
     "digits_var": dict(steps=(200, 300), min_fidelity=0.6),
     "digits_llamagen": dict(steps=(10, 10), min_fidelity=None),  # the smoke variant: plumbing only
+    "digits_maskgit": dict(steps=(10, 10), min_fidelity=None),  # the smoke variant: plumbing only
 }
 
 
