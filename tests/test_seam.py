@@ -15,6 +15,7 @@ from jaxgen.families.llamagen import build as build_llamagen
 from jaxgen.models.attention import attention_mask
 from jaxgen.models.generators.next_scale import NextScaleConfig
 from jaxgen.models.generators.next_token import NextTokenConfig, NextTokenTransformer
+from jaxgen.models.tokenizers.maskgit_vq import MaskGITVQ, MaskGITVQConfig
 from jaxgen.models.tokenizers.msvq import MultiScaleVQVAE
 from jaxgen.models.tokenizers.protocol import Tokenizer
 from jaxgen.models.tokenizers.titok import TiTok, TiTokConfig
@@ -30,7 +31,7 @@ from tests.helpers import random_params, tiny_var
 
 def test_every_binary_reads_the_one_registry(capsys):
     families_with_golden = {n for n, f in FAMILIES.items() if f.golden is not None}
-    assert families_with_golden == {"var", "llamagen"}
+    assert families_with_golden == {"var", "llamagen", "maskgit"}
     assert set(verify.GOLDEN) == families_with_golden | {"eval"}  # the evaluator's golden check is not a family
     with pytest.raises(SystemExit):
         convert_main(["--help"])
@@ -38,7 +39,7 @@ def test_every_binary_reads_the_one_registry(capsys):
     for name, family in FAMILIES.items():
         assert (name in help_text) == (family.convert is not None)
     with pytest.raises(ValueError, match="not one of"):
-        get_family("maskgit")
+        get_family("hmar")
 
 
 # ---- the tokenizer protocol -------------------------------------------------------------------------------------
@@ -49,10 +50,12 @@ def _tokenizers():
     vq = VQGAN(VQConfig(codebook_size=16, codebook_embed_dim=4, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1))
     titok = TiTok(TiTokConfig(image_size=8, patch_size=4, width=32, depth=1, num_heads=2, num_latent_tokens=5,
                               codebook_size=16, codebook_embed_dim=4))  # fmt: skip
-    return [(vae, vae.config.image_size), (vq, 8), (titok, 8)]
+    maskgit_vq = MaskGITVQ(MaskGITVQConfig(codebook_size=16, embedding_dim=4, filters=32, channel_multipliers=(1, 2),
+                                           num_res_blocks=1))  # fmt: skip
+    return [(vae, vae.config.image_size), (vq, 8), (titok, 8), (maskgit_vq, 8)]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["msvq", "vqgan", "titok"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["msvq", "vqgan", "titok", "maskgit_vq"])
 def test_tokenizers_encode_and_decode_ids_through_the_protocol(index):
     """encode_ids gives the layout's L ids in range; decoding them and encoding again gives the same ids (the codes
     are fixed points of quantisation only for the decoder-encoder pair after training, so the check is the one
@@ -76,7 +79,7 @@ def test_tokenizers_encode_and_decode_ids_through_the_protocol(index):
 
 
 def test_token_layout_refuses_sizes_the_tokenizer_cannot_take():
-    vae, vq, titok = (t for t, _ in _tokenizers())
+    vae, vq, titok, _ = (t for t, _ in _tokenizers())
     with pytest.raises(ValueError, match=r"data\.image_size=10 does not fit"):
         vae.token_layout(10)
     with pytest.raises(ValueError, match="not a multiple of the VQ's downsampling 2"):

@@ -75,3 +75,22 @@ def derive(section: dict[str, Any], where: str, **from_tokenizer) -> dict[str, A
                 f"match its tokenizer: drop the field or set it to {value}"
             )
     return section
+
+
+def token_count_check(field: str) -> Callable[[Any, Any, int], None]:
+    """A `Family.check`: the tokenizer's layout at `data.image_size` must hold exactly the generator's token count,
+    the config field `field` ("gpt.block_size", "maskgit.num_tokens"; read off the generator's config)."""
+    attribute = field.rsplit(".", 1)[-1]
+
+    def check(tokenizer, generator, image_size: int) -> None:
+        layout = tokenizer.token_layout(image_size)
+        if generator is None:
+            return
+        want = getattr(generator.config, attribute)
+        if layout.num_tokens != want:
+            raise ValueError(
+                f"data.image_size={image_size} gives {layout.num_tokens} tokens per image but {field}={want}: set "
+                f"data.image_size so that the tokenizer gives {attribute} tokens, or set {field}={layout.num_tokens}"
+            )
+
+    return check

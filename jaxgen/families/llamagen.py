@@ -17,7 +17,7 @@ from jaxgen.convert.llamagen import (
     infer_vq_config,
     run_llamagen_fixture,
 )
-from jaxgen.families.base import ConvertHook, Family, config_from_dict, derive, plain_section
+from jaxgen.families.base import ConvertHook, Family, config_from_dict, derive, plain_section, token_count_check
 from jaxgen.models.generators.next_token import NextTokenConfig, NextTokenTransformer
 from jaxgen.models.layers import token_cross_entropy
 from jaxgen.models.tokenizers.vqgan import VQGAN, VQConfig
@@ -54,15 +54,8 @@ def sampler(gpt, tokenizer, settings):
     return NextTokenSampler(gpt, tokenizer, NextTokenSampling(**settings))
 
 
-def check_token_count(tokenizer, gpt, image_size: int) -> None:
-    """The tokenizer's layout at `image_size` must hold exactly the GPT's `block_size` ids."""
-    layout = tokenizer.token_layout(image_size)
-    if gpt is not None and layout.num_tokens != gpt.config.block_size:
-        raise ValueError(
-            f"data.image_size={image_size} gives {layout.num_tokens} tokens per image but gpt.block_size="
-            f"{gpt.config.block_size}: set data.image_size so that the tokenizer gives block_size tokens, or set "
-            f"gpt.block_size={layout.num_tokens}"
-        )
+# The tokenizer's layout at `image_size` must hold exactly the GPT's `block_size` ids.
+check_token_count = token_count_check("gpt.block_size")
 
 
 def _add_convert_arguments(p) -> None:

@@ -11,7 +11,7 @@ import optax
 
 from jaxgen.convert.maskgit import add_convert_arguments, convert_checkpoints
 from jaxgen.convert.maskgit_fixture import run_maskgit_fixture
-from jaxgen.families.base import ConvertHook, Family, config_from_dict, derive, plain_section
+from jaxgen.families.base import ConvertHook, Family, config_from_dict, derive, plain_section, token_count_check
 from jaxgen.models.generators.masked import MaskedConfig, MaskedTransformer
 from jaxgen.models.tokenizers.maskgit_vq import MaskGITVQ, MaskGITVQConfig
 from jaxgen.sampling.mask_schedule import masked_count
@@ -75,17 +75,6 @@ def objective(tokenizer, model: MaskedTransformer):
     return loss_fn
 
 
-def check(vq, model, image_size: int) -> None:
-    """The tokenizer's grid at `image_size` must hold exactly the transformer's `num_tokens` ids."""
-    layout = vq.token_layout(image_size)
-    if model is not None and layout.num_tokens != model.config.num_tokens:
-        raise ValueError(
-            f"data.image_size={image_size} gives {layout.num_tokens} tokens per image but maskgit.num_tokens="
-            f"{model.config.num_tokens}: set data.image_size so that the tokenizer gives num_tokens tokens, or set "
-            f"maskgit.num_tokens={layout.num_tokens}"
-        )
-
-
 FAMILY = Family(
     name="maskgit",
     tokenizer_key="vq",
@@ -95,7 +84,7 @@ FAMILY = Family(
     objective=objective,
     sampler=lambda model, vq, s: MaskedSampler(model, vq, MaskedSampling(**s)),
     image_size=lambda vq, model: math.isqrt(model.config.num_tokens) * vq.config.downsample,
-    check=check,
+    check=token_count_check("maskgit.num_tokens"),
     convert=ConvertHook(
         "google-research/maskgit: the released VQGAN tokenizer + class-conditional transformer (Flax checkpoints)",
         add_convert_arguments,
