@@ -169,15 +169,22 @@ def official_decode(model, decode_module, k: int, settings: MaskedSampling):
     return jax.jit(fn)
 
 
-def timed(lower, args: tuple, key_fn, repeats: int, out_of) -> tuple[dict, object]:
+def timed(lower, args: tuple, key_fn, repeats: int, out_of) -> tuple[dict, dict]:
     """Compile `lower(*args, key_fn(0))` (a jitted function's or a sampler's `.lower`), run it on `(*args,
-    key_fn(i))` (one warm-up, `repeats` timed) and return ({compile_s, run_s, runs, times_s}, compiled).
-    `out_of(result)` is what to block on."""
+    key_fn(i))` (one warm-up, `repeats` timed) and return ({compile_s, run_s, runs, times_s}, {0: output of the
+    warm-up, 1: of the first timed run}). `out_of(result)` is what to block on."""
     keys = [key_fn(i) for i in range(repeats + 1)]  # made before timing
     compiled, compile_s = compile_timed(lower(*args, keys[0]))
-    run_s, times = median_time(lambda i: jax.block_until_ready(out_of(compiled(*args, keys[i]))), repeats)
+    kept = {}
+
+    def run(i):
+        out = jax.block_until_ready(out_of(compiled(*args, keys[i])))
+        if i < 2:
+            kept[i] = out
+
+    run_s, times = median_time(run, repeats)
     return {"compile_s": round(compile_s, 3), "run_s": round(run_s, 5), "runs": len(times),
-            "times_s": [round(t, 5) for t in times]}, compiled  # fmt: skip
+            "times_s": [round(t, 5) for t in times]}, kept  # fmt: skip
 
 
 def identity(x):
@@ -319,19 +326,19 @@ def main() -> int:
         no_decoder = NextTokenSampler(gpt, NoDecoder(k), NextTokenSampling(**NEXT_TOKEN))
     raw_key = lambda i: jax.random.PRNGKey(1000 + i)  # a raw key, what upstream's decode takes
     typed_key = lambda i: jax.random.key(1000 + i)  # the same bits, typed
-    decoders = {}  # (T, batch) -> jaxgen's compiled decode
+    decoded = {}  # (T, batch) -> jaxgen's decode for raw_key(0)
     for batch in batches:
         ids = init_ids(c, batch)
         labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
         for t in steps:
             row = {"model": "maskgit", "what": "decode", "steps": t, "batch": batch, "dtype": "float32"}
             timing, ours = timed(jaxgen_decode(gen, settings_of[t]).lower, (gp, ids), raw_key, args.repeats, identity)
-            decoders[t, batch] = ours
+            decoded[t, batch] = ours[0]
             add({"impl": "jaxgen", **row, "forward_passes": t, **timing, **rates(batch, n, timing["run_s"])})
             if official is not None:
                 fn = official_decode(up, decode_module, k, settings_of[t])
                 timing, theirs = timed(fn.lower, (gp, ids), raw_key, args.repeats, identity)
-                pairs = [(ours(gp, ids, raw_key(i)), theirs(gp, ids, raw_key(i))) for i in range(2)]
+                pairs = [(ours[i], theirs[i]) for i in sorted(ours)]  # the same keys
                 same = all(bool(jnp.array_equal(a, b)) for a, b in pairs)
                 differ = int(sum(int(jnp.sum(a != b)) for a, b in pairs))
                 compared[f"T{t}_b{batch}"] = same
@@ -349,11 +356,14 @@ def main() -> int:
         tok_s = time_tokenizer(tok, tp, batch, n, args.repeats)
         for t in steps:
             sampler = MaskedSampler(gen, tok, settings_of[t])
-            timing, compiled = timed(sampler.lower, (gp, tp, labels), typed_key, args.repeats, lambda s: s.images)
+            timing, kept = timed(sampler.lower, (gp, tp, labels), typed_key, args.repeats, identity)
             # The sampler draws what parallel_decode drew for the same key (a check that the rows do the same work).
-            ours = decoders.get((t, batch)) or jaxgen_decode(gen, settings_of[t])
-            final_seqs = compiled(gp, tp, labels, typed_key(0)).final_seqs
-            same = bool(jnp.array_equal(final_seqs, ours(gp, init_ids(c, batch), raw_key(0))))
+            ref = (
+                decoded[t, batch]
+                if (t, batch) in decoded
+                else jaxgen_decode(gen, settings_of[t])(gp, init_ids(c, batch), raw_key(0))
+            )
+            same = bool(jnp.array_equal(kept[0].final_seqs, ref))
             row = {"model": "maskgit", "what": "sampler", "steps": t, "batch": batch, "dtype": "float32"}
             add({"impl": "jaxgen", **row, "forward_passes": t, **timing, **rates(batch, n, timing["run_s"]),
                  "tokenizer_decode_s": tok_s, "same_tokens_as_decode": same})  # fmt: skip
