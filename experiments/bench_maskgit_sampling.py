@@ -358,12 +358,9 @@ def main() -> int:
             sampler = MaskedSampler(gen, tok, settings_of[t])
             timing, kept = timed(sampler.lower, (gp, tp, labels), typed_key, args.repeats, identity)
             # The sampler draws what parallel_decode drew for the same key (a check that the rows do the same work).
-            ref = (
-                decoded[t, batch]
-                if (t, batch) in decoded
-                else jaxgen_decode(gen, settings_of[t])(gp, init_ids(c, batch), raw_key(0))
-            )
-            same = bool(jnp.array_equal(kept[0].final_seqs, ref))
+            if (t, batch) not in decoded:  # a sampler batch without decode rows
+                decoded[t, batch] = jaxgen_decode(gen, settings_of[t])(gp, init_ids(c, batch), raw_key(0))
+            same = bool(jnp.array_equal(kept[0].final_seqs, decoded[t, batch]))
             row = {"model": "maskgit", "what": "sampler", "steps": t, "batch": batch, "dtype": "float32"}
             add({"impl": "jaxgen", **row, "forward_passes": t, **timing, **rates(batch, n, timing["run_s"]),
                  "tokenizer_decode_s": tok_s, "same_tokens_as_decode": same})  # fmt: skip

@@ -94,6 +94,38 @@ def test_llamagen_recipe_numbers(variant):
     assert [float(schedule(s)) for s in (0, 1000, t.steps - 1)] == pytest.approx([1e-4] * 3)
 
 
+@pytest.mark.parametrize(("variant", "tokens", "steps"), [("256", 256, 8), ("512", 1024, 12)])
+def test_maskgit_recipe_numbers(variant, tokens, steps):
+    """maskgit/configs/maskgit_class_cond_config.py over base_config.py, and the paper's decode steps."""
+    cfg = load_config(str(REPO / f"configs/maskgit_imagenet.py:{variant}"))
+    t = cfg.train_generator
+    assert (t.batch_size, t.steps, t.lr, t.min_lr_ratio, t.warmup_steps) == (256, 2_000_000, 1e-4, 1.0, 5000)
+    assert (t.b1, t.b2, t.weight_decay, t.ema_decay) == (0.9, 0.96, 0.045, 0.999)
+    m = cfg.maskgit
+    assert (m.dropout, m.attention_dropout, m.label_smoothing, m.mask_schedule) == (0.1, 0.1, 0.1, "cosine")
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.num_tokens) == (768, 24, 16, 3072, tokens)
+    assert m.class_dropout_prob == 0.0  # the release has no null class
+    s = cfg.sampling
+    assert (s.num_iter, s.choice_temperature, s.schedule, s.cfg_scale) == (steps, 4.5, "cosine", 0.0)
+    from jaxgen.train.optim import learning_rate_schedule
+
+    schedule = learning_rate_schedule(t)
+    assert [float(schedule(x)) for x in (5000, 100_000, t.steps - 1)] == pytest.approx([1e-4] * 3)
+    assert float(schedule(2500)) == pytest.approx(0.5e-4, rel=1e-3)
+
+
+def shrink_maskgit_imagenet(cfg):
+    """configs/maskgit_imagenet.py:256 at 32 px / 3 classes: a 4x tokenizer (8 x 8 tokens), a 2-layer transformer."""
+    cfg.vq.update(codebook_size=32, embedding_dim=8, filters=32, channel_multipliers=(1, 2, 2), num_res_blocks=1)
+    cfg.maskgit.update(codebook_size=32, num_classes=3, num_tokens=64, hidden_size=64, num_layers=2, num_heads=2,
+                       intermediate_size=128)  # fmt: skip
+    cfg.sampling.num_iter = 4
+    cfg.image_size = 32
+    cfg.data.update(image_size=32)
+    _shrink_train(cfg)
+    return cfg
+
+
 # ---- jaxgen trains them (generator-only, on a tokenizer checkpoint) ----------------------------------------------
 
 
@@ -115,8 +147,9 @@ def _tokenizer_export(cfg, directory: Path) -> str:
     [  # the VAR run takes ~120 s on 2 busy cores (the LlamaGen one ~45 s)
         pytest.param("configs/var_imagenet.py:d16", shrink_var_imagenet, marks=pytest.mark.slow),
         ("configs/llamagen_imagenet.py:B", shrink_llamagen_imagenet),
+        pytest.param("configs/maskgit_imagenet.py:256", shrink_maskgit_imagenet, marks=pytest.mark.slow),
     ],
-    ids=["var_d16", "llamagen_B"],
+    ids=["var_d16", "llamagen_B", "maskgit_256"],
 )
 def test_imagenet_recipe_trains_on_tfds(tmp_path, spec, shrink):
     from jaxgen.train.loop import train_and_evaluate
