@@ -61,7 +61,7 @@ def _loss_fn(**model):
 
 
 def test_objective_trains_on_a_fixed_batch():
-    gen, params, loss_fn = _loss_fn(dropout=0.0, attention_dropout=0.0)
+    _, params, loss_fn = _loss_fn(dropout=0.0, attention_dropout=0.0)
     batch = {
         "tokens": jax.random.randint(jax.random.key(1), (8, 16), 0, 32),
         "label": jnp.arange(8, dtype=jnp.int32) % 4,
@@ -127,5 +127,5 @@ def test_token_count_must_match_the_image_size():
     vq, gen = build(VQ, MODEL)
     assert FAMILY.image_size(vq, gen) == math.isqrt(16) * 2
     FAMILY.check(vq, gen, 8)
-    with pytest.raises(ValueError, match="maskgit.num_tokens"):
+    with pytest.raises(ValueError, match=r"maskgit\.num_tokens"):
         FAMILY.check(vq, gen, 16)  # 8 x 8 = 64 tokens
