@@ -41,4 +41,9 @@ step 90 tokenizer python experiments/bench_tokenizer.py --models=vq16,var_vqvae 
 # Step 3: the train-step float32 rows (bf16 was measured on an H100).
 step 90 train_step_f32 python experiments/bench_train_step.py --mode=speed --dtype=float32 \
   --out="$OUT/train_step_f32.json"
+# MaskGIT sampling: the released sizes' parallel decode (8, 12 steps) beside google-research/maskgit's own decode
+# (same params; .upstream/maskgit = `git archive HEAD maskgit` of its mirror) and LlamaGen's 256 steps at that size.
+step 120 maskgit_sampling python experiments/bench_maskgit_sampling.py --size=released --batch=1,64 --sampler-batch=64 \
+  $([ -d .upstream/maskgit/maskgit ] && echo --official=.upstream/maskgit) \
+  --official-commit=1db23594e1bd328ee78eadcd148a19281cd0f5b8 --out="$OUT/maskgit_sampling_gpu.json"
 echo "done: $(ls "$OUT")"

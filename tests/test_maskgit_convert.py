@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -265,3 +266,30 @@ def test_the_release_config_gives_the_released_trees(size):
     assert tokenizer_param_shapes(tok_cfg) == _jaxgen_names(released_tree(f"tokenizer_imagenet{size}")[1])
     tf_tree = {k.removeprefix("params/"): s for k, s in released_tree(f"transformer_imagenet{size}")[1].items()}
     assert transformer_param_shapes(tf_cfg) == tf_tree
+
+
+def test_the_convert_binary_writes_a_checkpoint_that_decodes_as_upstream(tmp_path, files, fixture_a, capsys):
+    """`python -m jaxgen.convert maskgit --tokenizer T --transformer M --out DIR`, then the family's sampler on the
+    loaded checkpoint: the fixture's official decode (choice temperature 4.5, key 7), token for token."""
+    from jaxgen.convert.__main__ import main as convert_main
+    from jaxgen.families import family_models, get_family
+    from jaxgen.pretrained import load_pretrained
+
+    out = tmp_path / "ckpt"
+    assert (
+        convert_main(["maskgit", "--tokenizer", str(files[0]), "--transformer", str(files[1]), "--out", str(out)]) == 0
+    )
+    config, params = load_pretrained(out, family="maskgit")
+    family = get_family(config["family"])
+    vq, model = family_models(family, config)
+    sampler = family.sampler(model, vq, dict(num_iter=8, choice_temperature=4.5, schedule="cosine"))
+    sample = sampler(params["maskgit"], params["vq"], fixture_a["in/dec_labels"], jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(sample.tokens), fixture_a["out/dec_t4.5_final_seqs"][:, -1, 1:])
+
+    broken = {k: v for k, v in read_flax_checkpoint(files[1]).items() if "mlm_bias" not in k}
+    _write_flax(tmp_path / "broken", broken)
+    capsys.readouterr()
+    rc = convert_main(["maskgit", "--tokenizer", str(files[0]), "--transformer", str(tmp_path / "broken"),
+                       "--out", str(tmp_path / "x")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "mlm_bias" in err and err.count("\n") <= 3, err
