@@ -6,6 +6,7 @@ decode with a raw uint32 key, the cosine schedule and -1 as the mask."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -101,12 +102,6 @@ def run_maskgit_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
         tokens = final_seqs[:, -1, 1:]
         image = vq.apply(vq_p, vq.apply(vq_p, tokens, method=MaskGITVQ.codes), method=MaskGITVQ.decode_unit)
         out[f"dec_{r}_image"] = np.asarray(image)
-        for name, value in _trace_items(trace):
-            out[f"dec_{r}_{name}"] = np.asarray(value)
+        for field in dataclasses.fields(trace):  # step_ids, step_logits, ..., the fixture's names
+            out[f"dec_{r}_{field.name}"] = np.asarray(getattr(trace, field.name))
     return out
-
-
-def _trace_items(trace) -> list[tuple[str, jax.Array]]:
-    """(name, array) of every `step_*` field of a decode trace."""
-    names = trace.keys() if hasattr(trace, "keys") else vars(trace)
-    return [(n, trace[n] if hasattr(trace, "keys") else getattr(trace, n)) for n in names if n.startswith("step_")]
