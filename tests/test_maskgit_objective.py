@@ -129,3 +129,26 @@ def test_token_count_must_match_the_image_size():
     FAMILY.check(vq, gen, 8)
     with pytest.raises(ValueError, match=r"maskgit\.num_tokens"):
         FAMILY.check(vq, gen, 16)  # 8 x 8 = 64 tokens
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.sampling.schedule=linear", "schedule"),
+        ("--config.sampling.num_iter=17", "more decode steps than tokens"),
+        ("--config.sampling.cfg_scale=2.0 --config.maskgit.class_dropout_prob=0.0", "null class"),
+    ],
+)
+def test_a_bad_sampling_section_fails_before_training(override, message):
+    from jaxgen.config_util import load_config
+    from jaxgen.train.checks import check_config
+    from tests.conftest import REPO
+
+    cfg = load_config(str(REPO / "configs/digits_maskgit.py:smoke"))
+    for item in override.split():
+        field, value = item.removeprefix("--config.").split("=")
+        section, name = field.split(".")
+        cfg[section][name] = type(cfg[section][name])(value) if not isinstance(cfg[section][name], str) else value
+    with pytest.raises(ValueError, match=message) as e:
+        check_config(cfg)
+    assert str(e.value).startswith("config.sampling: ") and "\n" not in str(e.value)

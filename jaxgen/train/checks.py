@@ -30,8 +30,8 @@ def check_config(config) -> None:
     """Raise ValueError for a config that cannot work: unknown stages; image size vs the tokenizer's downsampling and
     token grid; the LPIPS weight file; a train section's sizes and cadence (positive, micro-batches that divide the
     batch, a batch that splits over the mesh's batch axes and the processes, checkpoints on logged steps); for a
-    generator-only run, a tokenizer checkpoint that is not the tokenizer the config builds; and the eval section's
-    sizes and cadence."""
+    generator-only run, a tokenizer checkpoint that is not the tokenizer the config builds; the eval section's
+    sizes and cadence; and the sampling section (the family's sampler is built from it)."""
     stages = tuple(config.get("stages", ()))
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
@@ -54,6 +54,21 @@ def check_config(config) -> None:
         check_tokenizer_checkpoint(config)
     if "generator" in stages and config.get("eval") is not None:
         check_eval_section(config.eval)
+    if "generator" in stages and "sampling" in config:
+        check_sampling_section(family, tokenizer, generator, config.sampling)
+
+
+def check_sampling_section(family, tokenizer, generator, sampling) -> None:
+    """Build the family's sampler from `config.sampling` (no compile): an unknown field or a setting the sampler
+    refuses (e.g. MaskGIT's schedule name, more decode steps than tokens) fails before training, not at the first
+    sample grid after a stage."""
+    settings = sampling.to_dict() if hasattr(sampling, "to_dict") else dict(sampling)
+    try:
+        family.sampler(generator, tokenizer, settings)
+    except TypeError as e:  # an unknown field of the settings dataclass
+        raise ValueError(f"config.sampling: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"config.sampling: {e}") from None
 
 
 def batch_mesh_axes(config) -> dict[str, int]:
