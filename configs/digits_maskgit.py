@@ -6,7 +6,10 @@ bidirectional transformer with the masked-token objective, sampled in 8 parallel
     python -m jaxgen.main --config=configs/digits_maskgit.py:smoke --workdir=/tmp/digits_maskgit_smoke
 
 The transformer has a null class (class_dropout_prob 0.1) so that guidance is available; the sampling section keeps
-the faithful decode (cfg_scale 0) unless a run sets it.
+the faithful decode (cfg_scale 0) unless a run sets it. The tokenizer trains without the official VQ recipe's entropy
+loss: with it (`--config.tokenizer_loss.entropy_weight=0.1 --config.tokenizer_loss.entropy_temperature=0.01`) 70% of
+the codes are used instead of 24% and the class fidelity is 0.990 instead of 0.975, but the digits FID is 5.14
+instead of 3.62 (experiments/results/main_job_digits_maskgit{,_entropy}_cpu.json).
 """
 
 import ml_collections
