@@ -331,3 +331,23 @@ def test_models_that_name_no_backend_run_the_plain_xla_path():
         assert "pallas_call" not in program and "custom_call" not in program
         assert "pallas_call" in str(jax.make_jaxpr(_forward(pallas))(params, *args))
         np.testing.assert_array_equal(jax.jit(_forward(default))(params, *args), jax.jit(_forward(xla))(params, *args))
+
+
+def test_dropout_on_the_probabilities_is_xla_only_and_keyed():
+    """Inverted dropout on the attention probabilities (MaskGIT's training): rate 0 is the plain op; the same key
+    drops the same entries; the expectation over keys is the plain output; other backends refuse it."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 2, 8, 4)), jnp.float32) for _ in range(3))
+    plain = attention(q, k, v, scale=0.5)
+    assert np.array_equal(attention(q, k, v, scale=0.5, dropout_rate=0.0), plain)
+    key = jax.random.key(1)
+    a = attention(q, k, v, scale=0.5, dropout_rate=0.3, dropout_rng=key)
+    assert np.array_equal(a, attention(q, k, v, scale=0.5, dropout_rate=0.3, dropout_rng=key))
+    assert not np.allclose(a, plain)
+    keys = jax.random.split(jax.random.key(2), 2000)
+    mean = jax.vmap(lambda kk: attention(q, k, v, scale=0.5, dropout_rate=0.3, dropout_rng=kk))(keys).mean(0)
+    np.testing.assert_allclose(mean, plain, atol=0.06)  # 2000 draws: sd of the mean ~0.01 here
+    with pytest.raises(ValueError, match="backend 'xla'"):
+        attention(q, k, v, scale=0.5, backend="pallas", dropout_rate=0.3, dropout_rng=key)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        attention(q, k, v, scale=0.5, dropout_rate=0.3)

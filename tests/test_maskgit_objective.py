@@ -152,3 +152,13 @@ def test_a_bad_sampling_section_fails_before_training(override, message):
     with pytest.raises(ValueError, match=message) as e:
         check_config(cfg)
     assert str(e.value).startswith("config.sampling: ") and "\n" not in str(e.value)
+
+
+def test_training_forward_applies_dropout_and_eval_does_not():
+    """train=True with the release's dropout (hidden 0.1, attention probabilities 0.1): keyed, and off in eval."""
+    gen, params, _ = _loss_fn(dropout=0.1, attention_dropout=0.1)
+    ids = jnp.concatenate([jnp.full((2, 1), 32), jnp.full((2, 16), -1)], axis=1)
+    run = lambda key: gen.apply({"params": params}, ids, train=True, rngs={"dropout": key})
+    a, b = run(jax.random.key(0)), run(jax.random.key(1))
+    assert np.array_equal(a, run(jax.random.key(0))) and not np.allclose(a, b)
+    assert np.array_equal(gen.apply({"params": params}, ids), gen.apply({"params": params}, ids, train=False))

@@ -51,18 +51,25 @@ def dot_product_attention(
     *,
     mask_ll: np.ndarray | jax.Array | None = None,
     scale: float = 1.0,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """softmax(scale * q k^T, masked) v -> `[B, H, Lq, D]` in the dtype of `v`: the dense "xla" backend, the one
     dense attention of every model. Grouped kv heads (Hkv divides H) are read in place, without repeating them:
     query head h reads kv head h // (H / Hkv) (torch's `repeat_interleave`). `mask_ll`: bool, True = may attend,
-    broadcastable to `[Lq, Lk]` (or to `[B, Hkv, H / Hkv, Lq, Lk]`). Logits and softmax in float32."""
+    broadcastable to `[Lq, Lk]` (or to `[B, Hkv, H / Hkv, Lq, Lk]`). Logits and softmax in float32. `dropout_rate`
+    > 0 (training; needs `dropout_rng`): inverted dropout on the attention probabilities, as Flax's attention."""
     b, h, lq, d = q_bhld.shape
     kvh = k_bkld.shape[1]
     q = q_bhld.reshape(b, kvh, h // kvh, lq, d)
     logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k_bkld, preferred_element_type=jnp.float32) * np.float32(scale)
     if mask_ll is not None:
         logits = jnp.where(jnp.asarray(mask_ll), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v_bkld.dtype)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = weights.astype(v_bkld.dtype)
     out = jnp.einsum("bkgqs,bksd->bkgqd", weights, v_bkld).reshape(b, h, lq, d)
     return constrain(out, _OUT_AXES)
 
@@ -237,11 +244,14 @@ def attention(
     scale: float,
     backend: str = "xla",
     interpret: bool | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """softmax(scale * q k^T, masked) v -> `[B, H, Lq, D]` in v's dtype, by `backend` ('xla' | 'cudnn' | 'pallas';
     see the module docstring for what each accepts). `interpret` only concerns 'pallas' (None: interpret mode on
-    CPU). Raises ValueError for an unknown backend, 'cudnn' off an NVIDIA GPU or in float32, and a traced mask with
-    'pallas'."""
+    CPU). `dropout_rate` > 0 (dropout on the probabilities, with `dropout_rng`) runs only on 'xla'. Raises ValueError
+    for an unknown backend, 'cudnn' off an NVIDIA GPU or in float32, a traced mask with 'pallas', and dropout off
+    'xla'."""
     check_backend(backend)
     for name, x in (("q", q_bhld), ("k", k_bhld), ("v", v_bhld)):
         if x.ndim != 4:
@@ -251,8 +261,14 @@ def attention(
         raise ValueError(
             f"attention: k / v heads ({hkv}, {v_bhld.shape[1]}) must be equal and divide q's {h} heads (grouped-query)"
         )
+    if dropout_rate > 0 and (backend != "xla" or dropout_rng is None):
+        raise ValueError(
+            f"attention: dropout on the probabilities needs backend 'xla' and a dropout_rng (got backend {backend!r})"
+        )
     if backend == "xla":
-        return dot_product_attention(q_bhld, k_bhld, v_bhld, mask_ll=mask, scale=scale)
+        return dot_product_attention(
+            q_bhld, k_bhld, v_bhld, mask_ll=mask, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+        )
     if backend == "cudnn":
         return _cudnn(q_bhld, k_bhld, v_bhld, mask, scale)
     return _pallas(q_bhld, k_bhld, v_bhld, mask, scale, interpret)

@@ -167,22 +167,12 @@ class SelfAttention(nn.Module):
         c = self.config
         seq = x_bld.shape[1]
         q, k, v = (jnp.swapaxes(HeadsDense(c, name=n)(x_bld), 1, 2) for n in ("query", "key", "value"))  # [B,H,L,hd]
-        scale = 1.0 / math.sqrt(c.head_dim)
-        if train and c.attention_dropout > 0:
-            out = _dropout_attention(q, k, v, scale, c.attention_dropout, self.make_rng("dropout"))
-        else:
-            out = attention(q, k, v, mask=attention_mask("full", seq), scale=scale, backend=c.attn_backend)
+        rate = c.attention_dropout if train else 0.0
+        out = attention(q, k, v, mask=attention_mask("full", seq), scale=1.0 / math.sqrt(c.head_dim),
+                        backend=c.attn_backend, dropout_rate=rate,
+                        dropout_rng=self.make_rng("dropout") if rate > 0 else None)  # fmt: skip
         out = constrain(jnp.swapaxes(out, 1, 2), ("batch", "length", "heads", "kv"))  # [B, L, H, hd]
         return HeadsOut(c, name="out")(out)
-
-
-def _dropout_attention(q, k, v, scale: float, rate: float, key: jax.Array) -> jax.Array:
-    """Dense attention with dropout on the probabilities (training with `attention_dropout`): `[B, H, L, hd]`."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
 def _dense(config: MaskedConfig, features: int, names, name: str) -> nn.Dense:
