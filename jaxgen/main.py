@@ -42,8 +42,8 @@ def check_sections(config, source: str) -> None:
         config, [family.tokenizer_key, family.generator_key], source, f"family {config.get('family')!r}"
     )
     cli.require_sections(config, [f"train_{s}" for s in stages], source, f"stages={stages}")
-    if "generator" in stages:
-        cli.require_sections(config, ["sampling", "grid", "eval"], source, "the generator stage samples and scores")
+    if any(s != "tokenizer" for s in stages):
+        cli.require_sections(config, ["sampling", "grid", "eval"], source, "the generator stages sample and score")
 
 
 def run(config, workdir: str, source: str) -> dict:

@@ -33,14 +33,25 @@ def save_pretrained(directory: str | Path, params: dict[str, Any], config: dict[
     return directory
 
 
+def _last_stage_export(workdir: Path, first: Path) -> Path:
+    """The export of the workdir's last trained generator stage (HMAR's "mask" after its "generator")."""
+    from jaxgen.families import FAMILIES
+
+    family = FAMILIES.get(json.loads((first / "config.json").read_text()).get("family"))
+    names = [s.name for s in family.generator_stages()] if family else ["generator"]
+    done = [workdir / n / "export" for n in names if (workdir / n / "export" / "config.json").is_file()]
+    return done[-1] if done else first
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (params/ + config.json), or a training workdir: its generator's export."""
+    """A checkpoint directory (params/ + config.json), or a training workdir: the export of its last trained
+    generator stage."""
     path = Path(path).expanduser().absolute()
     if (path / "config.json").is_file():
         return path
     export = path / "generator" / "export"
     if (export / "config.json").is_file():
-        return export
+        return _last_stage_export(path, export)
     if (path / "tokenizer" / "export" / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} holds a trained tokenizer but no trained generator yet ({export} is missing): finish the "
@@ -52,15 +63,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def _section_diffs(written: dict, sections: dict) -> list[str]:
+    """`key.field: checkpoint value (config: value)` for the model fields a checkpoint's config.json and a run's
+    sections disagree on (compute-only fields like dtype / attn_backend left out)."""
+    diffs = []
+    for key, section in sections.items():
+        old = written.get(key)
+        if not isinstance(old, dict):
+            continue
+        for field in sorted(set(old) & set(section)):
+            a, b = old[field], section[field]
+            if field not in ("dtype", "attn_backend") and json.dumps(a, default=list) != json.dumps(b, default=list):
+                diffs.append(f"{key}.{field}: {a} (config: {b})")
+    return diffs
+
+
 def load_pretrained(
-    directory: str | Path, expected: Any | None = None, *, family: str | None = None
+    directory: str | Path,
+    expected: Any | None = None,
+    *,
+    family: str | None = None,
+    sections: dict[str, dict] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Read (config, params) from a checkpoint directory or a training workdir (`resolve_checkpoint`).
 
     With `family`, a checkpoint of another family is refused ("this is a llamagen checkpoint; use
     configs/llamagen_*.py"). With `expected` (a tree of shapes, e.g. from `jax.eval_shape`), every leaf's path and
-    shape must match, else a ValueError lists the differences (e.g. a checkpoint of another depth). A damaged
-    checkpoint is a ValueError that names it."""
+    shape must match, else a ValueError lists the differences (e.g. a checkpoint of another depth), and with
+    `sections` ({config key: model section}) the size fields its config.json has otherwise. A damaged checkpoint is
+    a ValueError that names it."""
     directory = resolve_checkpoint(directory)
     if not (directory / "params").is_dir():
         raise FileNotFoundError(f"{directory} has a config.json but no params/: the checkpoint is incomplete")
@@ -84,7 +115,13 @@ def load_pretrained(
             f"again) or restore it from a backup"
         ) from e
     if expected is not None:
-        check_tree_shapes(params, expected, f"checkpoint {directory}")
+        try:
+            check_tree_shapes(params, expected, f"checkpoint {directory}")
+        except ValueError as e:
+            diffs = _section_diffs(config, sections or {})
+            if not diffs:
+                raise
+            raise ValueError(f"{e} Its config.json differs from this config in {'; '.join(diffs[:6])}.") from None
     return config, params
 
 

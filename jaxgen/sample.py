@@ -37,7 +37,7 @@ from jaxgen import cli
 from jaxgen.convert.common import count_params
 from jaxgen.eval.adm_npz import NpzImages, float_to_uint8, write_npz, write_npz_stream
 from jaxgen.eval.grids import save_grid
-from jaxgen.families import build_models, config_section, init_family_params, param_shapes
+from jaxgen.families import config_section, family_models, init_family_params, model_sections, param_shapes
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.pretrained import load_pretrained
@@ -60,11 +60,13 @@ _BATCH_SIZE = flags.DEFINE_integer(
 def init_or_load(config):
     """(family, tokenizer, generator, params) with params = {tokenizer key: ..., generator key: ...} from
     `config.checkpoint` (shapes and family checked against the config) or, if empty, a seeded random init."""
-    family, tokenizer, generator = build_models(config)
+    family, sections = model_sections(config)
+    tokenizer, generator = family_models(family, sections)
     if generator is None:
         raise ValueError(f"config has no `{family.generator_key}` section: there is no generator to sample")
     if config.get("checkpoint"):
-        _, params = load_pretrained(config.checkpoint, param_shapes(family, tokenizer, generator), family=family.name)
+        shapes = param_shapes(family, tokenizer, generator)
+        _, params = load_pretrained(config.checkpoint, shapes, family=family.name, sections=sections)
     else:
         params = init_family_params(family, tokenizer, generator, config.seed)
     return family, tokenizer, generator, params

@@ -16,6 +16,8 @@ from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 SHARED = Path(os.environ.get("JAXGEN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 VAR_FIXTURES = SHARED / "fixtures" / "var"
 VAR_FIXTURE_A = VAR_FIXTURES / "var_fixture_A.npz"
+HMAR_FIXTURES = SHARED / "fixtures" / "hmar"
+HMAR_FIXTURE_A = HMAR_FIXTURES / "hmar_fixture_A.npz"
 EVAL_FIXTURES = SHARED / "fixtures" / "eval"
 EVAL_FIXTURE_A = EVAL_FIXTURES / "eval_fixture_A.npz"
 

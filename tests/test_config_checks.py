@@ -109,7 +109,10 @@ def test_a_batch_that_does_not_split_over_the_processes():
 def test_stages_and_sections():
     cfg = _smoke()
     cfg.stages = ("tokenizer", "sampler")
-    with pytest.raises(ValueError, match=r"config.stages=.*each must be 'tokenizer' or 'generator'"):
+    with pytest.raises(ValueError, match=r"config.stages=.*each must be one of \('tokenizer', 'generator'\)"):
+        check_config(cfg)
+    cfg.stages = ("generator", "tokenizer")
+    with pytest.raises(ValueError, match=r"in that order"):
         check_config(cfg)
     cfg = _smoke()
     del cfg["train_generator"]

@@ -123,7 +123,7 @@ def test_initialize_distributed_is_a_no_op_on_one_process(monkeypatch):
 # ---- annotations ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["var_tiny", "llamagen_tiny", "digits_maskgit"])
+@pytest.mark.parametrize("name", ["var_tiny", "llamagen_tiny", "digits_maskgit", "digits_hmar"])
 def test_every_param_is_boxed_with_known_names(name):
     """Inside keep_logical_boxes() every param of both models is a LogicallyPartitioned with one rule-table name
     (or None) per dimension; outside, init returns the same tree of plain shapes as before."""
@@ -308,7 +308,7 @@ def test_batch_sharding_and_shard_batch():
 FORWARD_TOL = dict(rtol=1e-5, atol=2e-6)  # atol x max |logit|
 
 
-@pytest.mark.parametrize("name", ["var_tiny", "llamagen_tiny", "digits_maskgit"])
+@pytest.mark.parametrize("name", ["var_tiny", "llamagen_tiny", "digits_maskgit", "digits_hmar"])
 def test_sharded_forward_equals_single_device(name):
     fam, tok, gen, _, gen_in = _family(name)
     mesh = _mesh222()
@@ -316,7 +316,7 @@ def test_sharded_forward_equals_single_device(name):
     rng = np.random.default_rng(0)
     b = 8
     labels = rng.integers(0, 10, (b,)).astype(np.int32)
-    if name == "var_tiny":
+    if name in ("var_tiny", "digits_hmar"):
         x = rng.standard_normal((b, *gen_in[1].shape[1:])).astype(np.float32)
     elif name == "llamagen_tiny":
         x = rng.integers(0, gen.config.vocab_size, (b, gen_in[1].shape[1])).astype(np.int32)

@@ -114,6 +114,35 @@ def test_maskgit_recipe_numbers(variant, tokens, steps):
     assert float(schedule(2500)) == pytest.approx(0.5e-4, rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("variant", "sampling", "params"),
+    [  # NVlabs/HMAR config/sample/hmar-d*.yaml; parameter counts of the released checkpoints (fixture key lists)
+        ("d16", (1.7, 1000, 0.99), 467_691_904),
+        ("d20", (1.9, 950, 0.99), 845_517_872),
+        ("d24", (2.1, 900, 0.99), 1_384_328_960),
+        ("d30", (1.7, 1000, 0.99), 2_556_324_212),
+    ],
+)
+def test_hmar_recipe_numbers(variant, sampling, params):
+    """config/experiment/hmar-train-d* (VAR's stage-1 recipe, lognorm) and hmar-finetune-mask-d* (100 epochs, the
+    last 8 blocks), the sampling configs, and the released model sizes."""
+    from jaxgen.convert.common import count_params
+    from jaxgen.families import build_models, param_shapes
+    from jaxgen.sampling.hmar import RELEASED_SCHEDULE
+
+    cfg = load_config(str(REPO / f"configs/hmar_imagenet.py:{variant}"))
+    var = load_config(str(REPO / f"configs/var_imagenet.py:{variant}"))
+    assert cfg.stages == ("generator", "mask") and cfg.hmar.mask_layers == 8 and cfg.hmar.loss_weighting == "lognorm"
+    assert cfg.train_generator.to_dict() == var.train_generator.to_dict()
+    per_epoch = math.ceil(1_281_167 / cfg.train_generator.batch_size)
+    assert (cfg.train_mask.steps, cfg.train_mask.warmup_steps) == (100 * per_epoch, 2 * per_epoch)
+    assert cfg.train_mask.lr == cfg.train_generator.lr
+    s = cfg.sampling
+    assert (s.cfg, s.top_k, s.top_p) == sampling and s.mask_schedule == RELEASED_SCHEDULE and s.refine
+    family, vae, model = build_models(cfg)
+    assert count_params(param_shapes(family, vae, model)["hmar"]) == params
+
+
 def shrink_maskgit_imagenet(cfg):
     """configs/maskgit_imagenet.py:256 at 32 px / 3 classes: a 4x tokenizer (8 x 8 tokens), a 2-layer transformer."""
     cfg.vq.update(codebook_size=32, embedding_dim=8, filters=32, channel_multipliers=(1, 2, 2), num_res_blocks=1)

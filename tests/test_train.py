@@ -19,7 +19,7 @@ import pytest
 from flax import linen as nn
 
 from jaxgen.config_util import load_config
-from jaxgen.families import build_models
+from jaxgen.families import FAMILIES, build_models
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
@@ -87,6 +87,7 @@ _RUNS = {
     "digits_var": dict(steps=(200, 300), min_fidelity=0.6),
     "digits_llamagen": dict(steps=(10, 10), min_fidelity=None),  # the smoke variant: plumbing only
     "digits_maskgit": dict(steps=(10, 10), min_fidelity=None),  # the smoke variant: plumbing only
+    "digits_hmar": dict(steps=(10, 10), min_fidelity=None),  # the smoke variant, both stages: plumbing only
 }
 
 
@@ -118,7 +119,14 @@ def test_binary_trains_and_its_workdir_samples(tmp_path, name):
         assert report["generator"]["class_fidelity"] >= run["min_fidelity"], report["generator"]
     assert "psnr" in report["tokenizer"]
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert {"tokenizer", "tokenizer_eval", "generator", "generator_eval"} == {x["stage"] for x in lines}
+    stages = [
+        "tokenizer",
+        *(s.name for s in FAMILIES[load_config(str(REPO / f"configs/{name}.py")).family].generator_stages()),
+    ]
+    assert {x for s in stages for x in (s, f"{s}_eval")} == {x["stage"] for x in lines}
+    for later in stages[2:]:  # HMAR's "mask": its report, digits-FID evals, checkpoints and grid as well
+        assert report[later]["num_samples"] == 40 and f"{later}_eval" in [x["stage"] for x in lines]
+        assert (workdir / later / "export" / "config.json").is_file() and (workdir / later / "samples").is_dir()
     assert all("step" in x and "loss" in x for x in lines if not x["stage"].endswith("_eval"))
     fid_rows = [x for x in lines if x["stage"] == "generator_eval"]
     assert [x["step"] for x in fid_rows] == [fid_every, steps_gen], fid_rows
@@ -160,7 +168,7 @@ def test_binary_trains_and_its_workdir_samples(tmp_path, name):
         np.testing.assert_array_equal(f["labels"], labels)
         np.testing.assert_array_equal(f["tokens"], np.asarray(ours.token_arrays()["tokens"]))
     # the export holds the EMA params of the final step, not the raw ones
-    _, final = _final_params(workdir, "generator")
+    _, final = _final_params(workdir, stages[-1])  # the last stage's export is what jaxgen.sample reads
     ema = final["ema_params"]
     exported = params[family.generator_key]
     for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(exported), strict=True):

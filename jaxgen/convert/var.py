@@ -134,18 +134,24 @@ def plan_vqvae(shapes: Mapping[str, tuple], config: MSVQConfig):
 def convert_var(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -> dict:
     """VAR state_dict (numpy, PyTorch names) -> jaxgen `params` of `NextScaleTransformer(config)`."""
     steps = plan_var({k: v.shape for k, v in state_dict.items()}, config)
-    if "lvl_1L" in state_dict and not np.array_equal(
-        np.asarray(state_dict["lvl_1L"]).reshape(-1), level_ids(config.patch_nums)
-    ):
-        counts = np.bincount(np.asarray(state_dict["lvl_1L"]).reshape(-1)).tolist()
-        raise ConversionError(
-            f"the checkpoint's lvl_1L has {counts} tokens per scale, but config patch_nums "
-            f"{config.patch_nums} need {[p * p for p in config.patch_nums]}"
-        )
+    check_scale_buffers(state_dict, config)
+    return apply_plan(steps, state_dict)
+
+
+def check_scale_buffers(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -> None:
+    """The buffers every next-scale transformer (VAR, HMAR) carries must be the constants `config` rebuilds:
+    `lvl_1L` (the scale of each token) and all-zero `*.attn.zero_k_bias`."""
+    if "lvl_1L" in state_dict:
+        lvl = np.asarray(state_dict["lvl_1L"]).reshape(-1)
+        if not np.array_equal(lvl, level_ids(config.patch_nums)):
+            counts = np.bincount(lvl).tolist() if lvl.size and lvl.min() >= 0 else lvl.tolist()[:8]
+            raise ConversionError(
+                f"the checkpoint's lvl_1L has {counts} tokens per scale, but config patch_nums "
+                f"{config.patch_nums} need {[p * p for p in config.patch_nums]}"
+            )
     nonzero = [k for k, v in state_dict.items() if k.endswith("attn.zero_k_bias") and np.any(v)]
     if nonzero:
         raise ConversionError(f"zero_k_bias must be all zeros (VAR's key bias is fixed at 0): {nonzero[:4]}")
-    return apply_plan(steps, state_dict)
 
 
 def convert_vqvae(state_dict: Mapping[str, np.ndarray], config: MSVQConfig) -> dict:
@@ -194,19 +200,10 @@ def var_configs_from_fixture(meta: dict) -> tuple[MSVQConfig, NextScaleConfig]:
     return vae_cfg, NextScaleConfig(**var_kw)
 
 
-def run_var_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
-    """All of a VAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
-    vae_cfg, var_cfg = var_configs_from_fixture(meta)
-    vae, var = MultiScaleVQVAE(vae_cfg), NextScaleTransformer(var_cfg)
-    vae_p = {"params": convert_vqvae(load_state_dict(npz_path, "vae/"), vae_cfg)}
-    var_p = {"params": convert_var(load_state_dict(npz_path, "var/"), var_cfg)}
-    inputs = load_state_dict(npz_path, "in/")
-    img = jnp.asarray(np.transpose(inputs["img"], (0, 2, 3, 1)))
-    labels = jnp.asarray(inputs["labels"], jnp.int32)
-    gen_labels = jnp.asarray(inputs["gen_labels"], jnp.int32)
+def run_vqvae_outputs(vae: MultiScaleVQVAE, vae_p: dict, img) -> tuple[dict[str, np.ndarray], list]:
+    """The VQVAE tensors of a VAR-family fixture (encode, quantize, rebuild) by their `out/` names, and the per-scale
+    ids `[B, p^2]`."""
     out: dict[str, np.ndarray] = {}
-
-    # Tokenizer: encode, quantize, rebuild.
     out["vae_enc"] = nchw(vae.apply(vae_p, img, method=lambda m, x: m.encoder(x)))
     f = vae.apply(vae_p, img, method=MultiScaleVQVAE.encode)
     out["vae_f"] = nchw(f)
@@ -218,6 +215,20 @@ def run_var_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
     out["vae_fhat"] = nchw(f_hat)
     out["vae_dec_raw"] = nchw(vae.apply(vae_p, f_hat, method=MultiScaleVQVAE.fhat_to_img))
     out["vae_rec"] = nchw(vae.apply(vae_p, idx, method=MultiScaleVQVAE.indices_to_img))
+    return out, idx
+
+
+def run_var_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
+    """All of a VAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
+    vae_cfg, var_cfg = var_configs_from_fixture(meta)
+    vae, var = MultiScaleVQVAE(vae_cfg), NextScaleTransformer(var_cfg)
+    vae_p = {"params": convert_vqvae(load_state_dict(npz_path, "vae/"), vae_cfg)}
+    var_p = {"params": convert_var(load_state_dict(npz_path, "var/"), var_cfg)}
+    inputs = load_state_dict(npz_path, "in/")
+    img = jnp.asarray(np.transpose(inputs["img"], (0, 2, 3, 1)))
+    labels = jnp.asarray(inputs["labels"], jnp.int32)
+    gen_labels = jnp.asarray(inputs["gen_labels"], jnp.int32)
+    out, idx = run_vqvae_outputs(vae, vae_p, img)
 
     # Transformer, teacher forcing.
     x_tf = vae.apply(vae_p, idx, method=MultiScaleVQVAE.teacher_forcing_input)

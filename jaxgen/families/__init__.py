@@ -12,11 +12,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.families import llamagen, maskgit, titok, var
+from jaxgen.families import hmar, llamagen, maskgit, titok, var
 from jaxgen.families.base import Family
 from jaxgen.models.registry import init_params
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (var.FAMILY, llamagen.FAMILY, titok.FAMILY, maskgit.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (var.FAMILY, llamagen.FAMILY, titok.FAMILY, maskgit.FAMILY, hmar.FAMILY)
+}
 
 # Tokenizer fields that only change how training updates the codebook (see jaxgen.models.tokenizers.quantizers):
 # the inference model is built without them and reads the trained codebook as a param.

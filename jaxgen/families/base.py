@@ -31,6 +31,27 @@ class ConvertHook:
     run: Callable[[argparse.Namespace], tuple[dict, dict]]  # -> ({tokenizer key: ..., generator key: ...}, config)
 
 
+def train_everything(name: str) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorStage:
+    """One generator training stage: its `config.stages` name (also its `train_<name>` section, workdir folder and
+    metrics tag), objective, the params it trains and how it starts. Most families have one, "generator"; HMAR
+    trains its next-scale branch, then its masked-prediction branch with the rest frozen."""
+
+    name: str
+    objective: Callable[[Any, Any], LossFn]  # (tokenizer, generator) -> loss on token ids
+    # top-level param name -> whether this stage trains it; the others are frozen through the optimizer
+    trainable: Callable[[str], bool] = train_everything
+    # (freshly initialised params, the previous stage's exported params) -> this stage's starting params; None: the
+    # first stage, from the random init
+    start: Callable[[Any, Any], Any] | None = None
+    # the `config.sampling` settings this stage's grids and evals use (e.g. without a branch not trained yet)
+    sampling: Callable[[dict], dict] = dict
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str  # config.family
@@ -48,6 +69,11 @@ class Family:
     convert: ConvertHook | None = None
     # (fixture .npz, its JSON) -> jaxgen's outputs under the fixture's `out/` names (`jaxgen.convert.verify`)
     golden: Callable[[Path, dict], dict[str, np.ndarray]] | None = None
+    # the generator's training stages in order; () is one stage "generator" with `objective`
+    stages: tuple[GeneratorStage, ...] = ()
+
+    def generator_stages(self) -> tuple[GeneratorStage, ...]:
+        return self.stages or (GeneratorStage("generator", self.objective),)
 
 
 def plain_section(section: Any) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from jaxgen.config_util import load_config
 from jaxgen.convert.common import ConversionError, load_state_dict
@@ -24,15 +26,21 @@ from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 
 
-def build(vae_section, var_section):
-    """The VQVAE and the VAR transformer; vocab / z_channels / patch_nums come from the VQVAE section unless given."""
+def build_on_vqvae(vae_section, section, where: str, config_cls=NextScaleConfig, model_cls=NextScaleTransformer):
+    """The VQVAE and a next-scale transformer (config section `where`); vocab / z_channels / patch_nums come from the
+    VQVAE section unless given (and must agree with it)."""
     vae = MultiScaleVQVAE(config_from_dict(MSVQConfig, plain_section(vae_section), "vae"))
-    if not var_section:
+    if not section:
         return vae, None
     c = vae.config
-    kw = derive(plain_section(var_section), "var", vocab_size=c.vocab_size, z_channels=c.z_channels,
+    kw = derive(plain_section(section), where, vocab_size=c.vocab_size, z_channels=c.z_channels,
                 patch_nums=c.patch_nums)  # fmt: skip
-    return vae, NextScaleTransformer(config_from_dict(NextScaleConfig, kw, "var"))
+    return vae, model_cls(config_from_dict(config_cls, kw, where))
+
+
+def build(vae_section, var_section):
+    """The VQVAE and the VAR transformer (`build_on_vqvae`)."""
+    return build_on_vqvae(vae_section, var_section, "var")
 
 
 def generator_inputs(var):
@@ -40,8 +48,9 @@ def generator_inputs(var):
     return jnp.zeros((1,), jnp.int32), jnp.zeros((1, c.seq_len - c.first_l, c.z_channels))
 
 
-def objective(vae, var):
-    """Cross-entropy of every scale's ids, teacher-forced with the frozen VQVAE's next-scale inputs."""
+def objective(vae, var, token_weights: np.ndarray | None = None):
+    """Cross-entropy of every scale's ids, teacher-forced with the frozen VQVAE's next-scale inputs: the mean over
+    the tokens, or with per-token `token_weights` `[L]` their weighted sum (averaged over the batch)."""
     layout = vae.token_layout(vae.config.image_size)
 
     def loss_fn(params, batch, ctx):
@@ -49,7 +58,10 @@ def objective(vae, var):
         x = vae.apply({"params": ctx.frozen}, layout.split_scales(tokens), method=MultiScaleVQVAE.teacher_forcing_input)
         logits = var.apply({"params": params}, labels, x, train=True, rngs={"dropout": ctx.rng})
         metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == tokens)}
-        return token_cross_entropy(logits, tokens), (metrics, ctx.model_state)
+        if token_weights is None:
+            return token_cross_entropy(logits, tokens), (metrics, ctx.model_state)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)  # [B, L]
+        return jnp.mean(ce @ jnp.asarray(token_weights, jnp.float32)), (metrics, ctx.model_state)
 
     return loss_fn
 

@@ -23,3 +23,10 @@ def mask_by_confidence(
     confidence = jnp.log(probs_bl) + temperature * jax.random.gumbel(key, probs_bl.shape, jnp.float32)
     cut = jnp.take_along_axis(jnp.sort(confidence, axis=-1), num_masked_b1.astype(jnp.int32), axis=-1)
     return confidence < cut
+
+
+def mask_lowest(confidence_bl: Float[Array, "B L"], count: int | Int[Array, "B 1"]) -> Bool[Array, "B L"]:
+    """True for the `count` positions of each row with the lowest confidence (HMAR's re-masking: no noise). The
+    order is a stable sort, so equal confidences mask the lowest index first; +inf marks positions never to mask."""
+    rank = jnp.argsort(jnp.argsort(confidence_bl, axis=-1, stable=True), axis=-1, stable=True)
+    return rank < count

@@ -4,6 +4,7 @@ names the config field and says what to do."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -20,7 +21,6 @@ from jaxgen.parallel.rules import rules_from_config
 from jaxgen.train.losses.config import TokenizerLossConfig
 from jaxgen.train.tokenizer_task import check_lpips_weights
 
-STAGES = ("tokenizer", "generator")
 # Tokenizer fields that do not change its params (compute dtype, kernels, how training updates the codebook): not
 # compared with a checkpoint's config.json.
 _NOT_PARAM_FIELDS = ("dtype", "attn_backend", "ema_decay", "dead_code_threshold")
@@ -33,9 +33,9 @@ def check_config(config) -> None:
     generator-only run, a tokenizer checkpoint that is not the tokenizer the config builds; the eval section's
     sizes and cadence; and the sampling section (the family's sampler is built from it)."""
     stages = tuple(config.get("stages", ()))
-    unknown = set(stages) - set(STAGES)
-    if unknown or not stages:
-        raise ValueError(f"config.stages={stages}: each must be 'tokenizer' or 'generator', e.g. ('generator',)")
+    from jaxgen.families import family_of
+
+    check_stages(stages, [s.name for s in family_of(config).generator_stages()])
     for stage in stages:
         if f"train_{stage}" not in config:
             raise ValueError(
@@ -43,26 +43,48 @@ def check_config(config) -> None:
                 f"(jaxgen.train.sections.train_section) or drop the stage"
             )
     family, tokenizer, generator = build_models(config, training=True)
-    family.check(tokenizer, generator if "generator" in config.stages else None, int(config.data.image_size))
+    trains_generator = any(s != "tokenizer" for s in stages)
+    family.check(tokenizer, generator if trains_generator else None, int(config.data.image_size))
     loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
     if "tokenizer" in config.stages:
         check_lpips_weights(loss_cfg)
     batch_axes = batch_mesh_axes(config)
     for stage in stages:
         check_train_section(config[f"train_{stage}"], f"train_{stage}", batch_axes, jax.process_count())
-    if "generator" in stages and "tokenizer" not in stages:
+    if trains_generator and "tokenizer" not in stages:
         check_tokenizer_checkpoint(config)
-    if "generator" in stages and config.get("eval") is not None:
+    if trains_generator and config.get("eval") is not None:
         check_eval_section(config.eval)
-    if "generator" in stages and "sampling" in config:
-        check_sampling_section(family, tokenizer, generator, config.sampling)
+    if trains_generator and "sampling" in config:
+        for stage in family.generator_stages():
+            if stage.name in stages:
+                check_sampling_section(family, tokenizer, generator, stage.sampling(plain_dict(config.sampling)))
+
+
+def plain_dict(section) -> dict:
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def check_stages(stages: tuple[str, ...], generator_stages: list[str]) -> None:
+    """`config.stages`: known names, in training order; a later generator stage starts from the one before it, which
+    must then be in the run too."""
+    known = ["tokenizer", *generator_stages]
+    if not stages or set(stages) - set(known) or list(stages) != sorted(stages, key=known.index):
+        raise ValueError(
+            f"config.stages={stages}: each must be one of {tuple(known)}, in that order, e.g. {tuple(known[1:])}"
+        )
+    for earlier, later in itertools.pairwise(generator_stages):
+        if later in stages and earlier not in stages:
+            raise ValueError(
+                f"config.stages={stages}: stage {later!r} starts from stage {earlier!r}'s params; add {earlier!r}"
+            )
 
 
 def check_sampling_section(family, tokenizer, generator, sampling) -> None:
     """Build the family's sampler from `config.sampling` (no compile): an unknown field or a setting the sampler
     refuses (e.g. MaskGIT's schedule name, more decode steps than tokens) fails before training, not at the first
     sample grid after a stage."""
-    settings = sampling.to_dict() if hasattr(sampling, "to_dict") else dict(sampling)
+    settings = plain_dict(sampling)
     try:
         family.sampler(generator, tokenizer, settings)
     except TypeError as e:  # an unknown field of the settings dataclass

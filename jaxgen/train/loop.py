@@ -4,6 +4,8 @@
     pretokenize:        the train split -> token-id shards (workdir/tokens), once
     stage "generator":  token ids -> train the generator (next scale / next token), sample grids on the way, and
                         every `eval.every` steps the digits FID of class-balanced samples (metrics.jsonl, TensorBoard)
+    later stages:       a family's further generator stages (`Family.stages`, e.g. HMAR's "mask"), each from the
+                        previous one's params, training the params it names with the rest frozen
     evaluate:           class-conditional samples -> a held-out digit classifier's agreement and the digits FID
                         beside its real-data floor (report.json); the Inception FID too when its weights are installed
 
@@ -61,7 +63,7 @@ def _fingerprint(config, family: Family, sections: dict, stage: str) -> dict:
         loss = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
         if loss.use_gan:  # the discriminator's shape is part of the checkpoint
             fp["discriminator"] = {"ndf": loss.disc_ndf, "layers": loss.disc_layers, "norm": loss.disc_norm}
-    if stage == "generator":
+    if stage != "tokenizer":
         fp[family.generator_key] = sections[family.generator_key]
     fp["image_size"] = int(config.data.image_size)
     return json.loads(json.dumps(fp, default=list))
@@ -292,7 +294,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     family, sections = model_sections(config)
     inference_tok, generator = family_models(family, sections)
     data_lib.load_source(config.data, config.data.train_split)  # missing/empty/unreadable data: fail before compiling
-    if "generator" in config.stages:
+    if any(s.name in config.stages for s in family.generator_stages()):
         _check_classes(config, generator)
         grid_labels = _class_grid_labels(config, generator.config.num_classes)
         tok_params = None if "tokenizer" in config.stages else _load_tokenizer(config, family)
@@ -330,10 +332,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         writer.write(int(state.step), {k: v for k, v in report["tokenizer"].items() if v is not None},
                      stage="tokenizer_eval")  # fmt: skip
 
-    if "generator" not in config.stages:
+    stages = [s for s in family.generator_stages() if s.name in config.stages]
+    if not stages:
         return _finish(report, workdir, writer, t_start)
 
-    # -- pretokenize (again whenever the data or the tokenizer changed), then the generator
+    # -- pretokenize (again whenever the data or the tokenizer changed), then the generator's stages
     tokens_dir = workdir / "tokens"
     tokenizer_id = {
         "family": family.name,
@@ -346,44 +349,48 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     )  # fmt: skip
     logging.info("%s token shards in %s: %s", "wrote" if written else "reusing", tokens_dir, why)
     token_data = data_lib.with_source(config.data, kind="tokens", path=str(tokens_dir))
-    g = config.train_generator
-    plain_tok, generator = family_models(family, sections, generator_dtype=g.compute_dtype)
-    sampler = family.sampler(generator, plain_tok, config.sampling.to_dict())
-
-    def sample_grid(params, step):
-        images = _generate(sampler, params, tok_params, grid_labels, jax.random.key(int(config.seed) + step))
-        save_grid(
-            images,
-            workdir / "generator" / "samples" / f"samples_{step:06d}.png",
-            nrow=int(config.grid.per_class),
-            row_labels=[f"class {c}" for c in np.unique(grid_labels)],
-            scale=max(1, 64 // images.shape[1]),
-        )
-
-    callbacks = [(int(g.sample_every), sample_grid)]
     eval_every, scored = int(config.eval.get("every", 0)), int(config.eval.get("sample_batches", 0)) > 0
     real = _real_digits(config) if eval_every > 0 or scored else None
-    if eval_every > 0:
-        fid_fn = _digits_fid_callback(config, sampler, tok_params, len(grid_labels), real, writer)
-        callbacks.append((eval_every, fid_fn))
-    task = generator_task(family, plain_tok, generator, tok_params)
-    state = train_stage(
-        task,
-        g,
-        token_data,
-        workdir / "generator",
-        mesh=mesh,
-        rules=rules,
-        seed=int(config.seed) + 1,
-        writer=writer,
-        callbacks=callbacks,
-    )
-    gen_params = task.export(state)
-    _export(
-        workdir / "generator", {family.tokenizer_key: tok_params, family.generator_key: gen_params}, family, sections
-    )
-    if scored:
-        report["generator"] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir, real)
+    gen_params = None
+    for i, stage in enumerate(stages):
+        g = config[f"train_{stage.name}"]
+        stage_dir = workdir / stage.name
+        plain_tok, generator = family_models(family, sections, generator_dtype=g.compute_dtype)
+        sampler = family.sampler(generator, plain_tok, stage.sampling(config.sampling.to_dict()))
+
+        def sample_grid(params, step, sampler=sampler, stage_dir=stage_dir):
+            images = _generate(sampler, params, tok_params, grid_labels, jax.random.key(int(config.seed) + step))
+            save_grid(
+                images,
+                stage_dir / "samples" / f"samples_{step:06d}.png",
+                nrow=int(config.grid.per_class),
+                row_labels=[f"class {c}" for c in np.unique(grid_labels)],
+                scale=max(1, 64 // images.shape[1]),
+            )
+
+        callbacks = [(int(g.sample_every), sample_grid)]
+        if eval_every > 0:
+            fid_fn = _digits_fid_callback(config, sampler, tok_params, len(grid_labels), real, writer, stage.name)
+            callbacks.append((eval_every, fid_fn))
+        task = generator_task(family, plain_tok, generator, tok_params, stage, gen_params)
+        state = train_stage(
+            task,
+            g,
+            token_data,
+            stage_dir,
+            mesh=mesh,
+            rules=rules,
+            seed=int(config.seed) + 1 + i,
+            writer=writer,
+            callbacks=callbacks,
+        )
+        gen_params = task.export(state)
+        _export(stage_dir, {family.tokenizer_key: tok_params, family.generator_key: gen_params}, family, sections)
+        if scored:
+            last = i == len(stages) - 1
+            report[stage.name] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir,
+                                                 real, stage_dir if not last else workdir)  # fmt: skip
+        gen_params = to_host(gen_params)
     return _finish(report, workdir, writer, t_start)
 
 
@@ -439,11 +446,13 @@ def _real_digits(config) -> _RealDigits:
     return real
 
 
-def _digits_fid_callback(config, sampler, tok_params, batch: int, real: _RealDigits, writer: MetricsWriter):
+def _digits_fid_callback(
+    config, sampler, tok_params, batch: int, real: _RealDigits, writer: MetricsWriter, stage: str = "generator"
+):
     """`fn(gen_params, step)` for `train_stage`: `eval.fid_samples` class-balanced samples (rounded up to whole
     batches of `batch`, the grid's size, so the sampler compiled for the grid serves), their digits FID and class
     fidelity, and the real floor for as many samples (mean and std over 10 draws), to metrics.jsonl + TensorBoard
-    (stage "generator_eval") and the log. Every process samples (the sampler may be sharded); MetricsWriter writes
+    (stage "<stage>_eval") and the log. Every process samples (the sampler may be sharded); MetricsWriter writes
     on process 0 only."""
     classes = np.unique(real.held_out["label"]).astype(np.int32)
     num_batches = max(1, -(-int(config.eval.fid_samples) // batch))
@@ -461,7 +470,7 @@ def _digits_fid_callback(config, sampler, tok_params, batch: int, real: _RealDig
         try:
             fid = real.fid.distance(x, real.ref)
         except ValueError as e:  # degenerate covariances (e.g. collapsed samples): log it, do not stop training
-            logging.warning("[generator_eval] step %d: no digits FID: %s", step, e)
+            logging.warning("[%s_eval] step %d: no digits FID: %s", stage, step, e)
             fid = float("nan")
         row = {
             "digits_fid": fid,
@@ -470,9 +479,9 @@ def _digits_fid_callback(config, sampler, tok_params, batch: int, real: _RealDig
             "class_fidelity": real.fidelity.score(x, labels.reshape(-1))["class_fidelity"],
             "num_samples": len(x),
         }
-        writer.write(step, row, stage="generator_eval")
+        writer.write(step, row, stage=f"{stage}_eval")
         logging.info(
-            "[generator_eval] step %d: digits FID %.4g (real floor %.3g +- %.2g), class fidelity %.3f, %d samples, "
+            f"[{stage}_eval] step %d: digits FID %.4g (real floor %.3g +- %.2g), class fidelity %.3f, %d samples, "
             "%.1f s",
             step, row["digits_fid"], floor, floor_std, row["class_fidelity"], len(x), time.perf_counter() - t0,
         )  # fmt: skip
@@ -508,7 +517,14 @@ def _inception_fid(images01: np.ndarray, ref_images01: np.ndarray, floor_images0
 
 
 def _generator_eval(
-    config, sampler, gen_params, tok_params, grid_labels, workdir: Path, real: _RealDigits | None = None
+    config,
+    sampler,
+    gen_params,
+    tok_params,
+    grid_labels,
+    workdir: Path,
+    real: _RealDigits | None = None,
+    grid_dir: Path | None = None,
 ) -> dict:
     """Class fidelity (samples for every class, scored by a classifier fit on the real held-out split) and the
     digits FID of the same samples to the held-out split, beside `digits_fid_real_floor` (+ `_std`: as many real
@@ -542,7 +558,7 @@ def _generator_eval(
     n = int(config.grid.per_class)
     save_grid(
         images[: len(grid_labels)],
-        workdir / "final_samples.png",
+        (grid_dir or workdir) / "final_samples.png",
         nrow=n,
         row_labels=[f"class {c}" for c in np.unique(grid_labels)],
         scale=max(1, 64 // images.shape[1]),

@@ -247,38 +247,53 @@ class NextScaleTransformer(nn.Module):
     config: NextScaleConfig
 
     def setup(self):
-        c = self.config
-        w = c.embed_dim
-        dtype = jnp.dtype(c.dtype)
-        init_std = math.sqrt(1 / w / 3)
-        out_std = init_std / math.sqrt(2 * c.depth)
-        self.word_embed = dense(w, ("latent", "embed"), kernel_init=_trunc(init_std))
+        self.setup_embeddings()
+        self.blocks = [self.make_block(i) for i in range(self.config.depth)]
+        self.head_nm, self.head = self.make_head()
+
+    # ---- building blocks of the layout (HMAR's `HMARTransformer` builds its own layout from the same pieces) -----
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(1 / self.config.embed_dim / 3)
+
+    def setup_embeddings(self, word_embed_bias: bool = True) -> None:
+        """`word_embed` (codes -> width; with `word_embed_bias=False` bias-free, the bias a separate param named
+        `word_embed_bias`, HMAR's layout), `class_emb`, `pos_start`, `pos_1LC`, `lvl_embed` (and `shared_ada_lin`)."""
+        c, w, std = self.config, self.config.embed_dim, self.init_std
+        self.word_embed = dense(w, ("latent", "embed"), kernel_init=_trunc(std), use_bias=word_embed_bias)
+        if not word_embed_bias:
+            self.word_embed_bias = self.param("word_embed_bias", logical(nn.initializers.zeros, ("embed",)), (w,))
         # last row of class_emb: the null class
-        self.class_emb = nn.Embed(c.num_classes + 1, w, embedding_init=logical(_trunc(init_std), ("classes", "embed")))
-        self.pos_start = self.param("pos_start", logical(_trunc(init_std), ("length", "embed")), (c.first_l, w))
-        self.pos_1LC = self.param("pos_1LC", logical(_trunc(init_std), ("length", "embed")), (c.seq_len, w))
-        self.lvl_embed = nn.Embed(len(c.patch_nums), w, embedding_init=logical(_trunc(init_std), ("scales", "embed")))
+        self.class_emb = nn.Embed(c.num_classes + 1, w, embedding_init=logical(_trunc(std), ("classes", "embed")))
+        self.pos_start = self.param("pos_start", logical(_trunc(std), ("length", "embed")), (c.first_l, w))
+        self.pos_1LC = self.param("pos_1LC", logical(_trunc(std), ("length", "embed")), (c.seq_len, w))
+        self.lvl_embed = nn.Embed(len(c.patch_nums), w, embedding_init=logical(_trunc(std), ("scales", "embed")))
         if c.shared_aln:
-            self.shared_ada_lin = dense(6 * w, ("embed", "adaln"), kernel_init=_ada_lin_init(init_std, w))
+            self.shared_ada_lin = dense(6 * w, ("embed", "adaln"), kernel_init=_ada_lin_init(std, w))
+
+    def make_block(self, i: int) -> AdaLNSelfAttn:
+        """The block at depth `i` of `config.depth` (its drop-path rate and output init depend on it)."""
+        c = self.config
         dpr = np.linspace(0, c.drop_path_rate, c.depth)
-        self.blocks = [
-            AdaLNSelfAttn(
-                w,
-                c.num_heads,
-                c.mlp_ratio,
-                c.norm_eps,
-                c.shared_aln,
-                c.attn_l2_norm,
-                float(dpr[i]),
-                init_std,
-                out_std,
-                dtype=dtype,
-                attn_backend=c.attn_backend,
-            )
-            for i in range(c.depth)
-        ]
-        self.head_nm = AdaLNBeforeHead(c.norm_eps, init_std)
-        self.head = dense(c.vocab_size, ("embed", "vocab"), kernel_init=_trunc(init_std * 0.02))
+        return AdaLNSelfAttn(
+            c.embed_dim,
+            c.num_heads,
+            c.mlp_ratio,
+            c.norm_eps,
+            c.shared_aln,
+            c.attn_l2_norm,
+            float(dpr[i]),
+            self.init_std,
+            self.init_std / math.sqrt(2 * c.depth),
+            dtype=jnp.dtype(c.dtype),
+            attn_backend=c.attn_backend,
+        )
+
+    def make_head(self) -> tuple[AdaLNBeforeHead, nn.Module]:
+        """The AdaLN before the head and the head (width -> vocabulary logits)."""
+        c = self.config
+        head_nm = AdaLNBeforeHead(c.norm_eps, self.init_std)
+        return head_nm, dense(c.vocab_size, ("embed", "vocab"), kernel_init=_trunc(self.init_std * 0.02))
 
     # ---- pieces shared by teacher forcing and sampling --------------------------------------------------------------
     def level_pos(self) -> jax.Array:
@@ -296,19 +311,36 @@ class NextScaleTransformer(nn.Module):
     def embed_scale(self, x_blcv: jax.Array, si: int) -> jax.Array:
         """Next-scale input `[B, p_si^2, Cvae]` -> tokens `[B, p_si^2, C]` with their scale/position embeddings."""
         begin, end = self.config.scale_bounds[si]
-        return self.word_embed(x_blcv.astype(jnp.float32)) + self.level_pos()[None, begin:end]
+        return self.embed_codes(x_blcv) + self.level_pos()[None, begin:end]
 
-    def trunk(self, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None, train: bool = False):
-        """The blocks and the head: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, per-block (k, v))."""
+    def embed_codes(self, x_blcv: jax.Array) -> jax.Array:
+        """Code vectors `[B, l, Cvae]` -> `[B, l, C]` through `word_embed` (with its bias)."""
+        return self.word_embed(x_blcv.astype(jnp.float32))
+
+    def drop_labels(self, labels_b: jax.Array, train: bool) -> jax.Array:
+        """Label dropout to the null class with `cond_drop_rate` (training only; rng 'dropout')."""
+        c = self.config
+        if train and c.cond_drop_rate > 0:
+            drop = jax.random.bernoulli(self.make_rng("dropout"), c.cond_drop_rate, labels_b.shape)
+            labels_b = jnp.where(drop, c.num_classes, labels_b)
+        return labels_b
+
+    def stack(self, blocks, head_nm, head, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None,
+              train: bool = False):  # fmt: skip
+        """`blocks` then `head(head_nm(.))`: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, per-block (k, v))."""
         cond = cond_bd
         if self.config.shared_aln:
             cond = self.shared_ada_lin(nn.silu(cond_bd)).reshape(-1, 6, self.config.embed_dim)
         new_caches = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(blocks):
             x_blc, kv = block(x_blc, cond, mask_ll, None if caches is None else caches[i], train)
             new_caches.append(kv)
-        logits = constrain(self.head(self.head_nm(x_blc, cond_bd)), ("batch", "length", "vocab"))
+        logits = constrain(head(head_nm(x_blc, cond_bd)), ("batch", "length", "vocab"))
         return logits.astype(jnp.float32), new_caches
+
+    def trunk(self, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None, train: bool = False):
+        """The blocks and the head: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, per-block (k, v))."""
+        return self.stack(self.blocks, self.head_nm, self.head, x_blc, cond_bd, mask_ll, caches, train)
 
     def decode_scale(self, x_blc: jax.Array, cond_bd: jax.Array, caches: KVCache | None):
         """One sampling step: this scale's tokens attend to `caches` (the coarser scales' keys; None with the Markov
@@ -322,18 +354,27 @@ class NextScaleTransformer(nn.Module):
     def __call__(
         self, labels_b: Int[Array, " B"], x_blcv: Float[Array, "B L1 Cv"], train: bool = False
     ) -> Float[Array, "B L V"]:
+        self.check_input(x_blcv)
+        cond = self.cond_embed(self.drop_labels(labels_b, train))
+        logits, _ = self.trunk(self.sequence(cond, self.embed_codes(x_blcv)), cond, self.mask(), None, train)
+        return logits
+
+    def check_input(self, x_blcv: jax.Array, what: str = "teacher-forcing input") -> None:
         c = self.config
         want = (c.seq_len - c.first_l, c.z_channels)
         if x_blcv.ndim != 3 or tuple(x_blcv.shape[1:]) != want:
             raise ValueError(
-                f"NextScaleTransformer expects teacher-forcing input [B, {want[0]}, {want[1]}] for "
-                f"patch_nums {c.patch_nums}, got {tuple(x_blcv.shape)}"
+                f"{type(self).__name__} expects {what} [B, {want[0]}, {want[1]}] for patch_nums {c.patch_nums}, "
+                f"got {tuple(x_blcv.shape)}"
             )
-        if train and c.cond_drop_rate > 0:
-            drop = jax.random.bernoulli(self.make_rng("dropout"), c.cond_drop_rate, labels_b.shape)
-            labels_b = jnp.where(drop, c.num_classes, labels_b)
-        cond = self.cond_embed(labels_b)
-        sos = cond[:, None] + self.pos_start[None]
-        x = jnp.concatenate([sos, self.word_embed(x_blcv.astype(jnp.float32))], axis=1) + self.level_pos()[None]
-        logits, _ = self.trunk(x, cond, attention_mask(c.attn_mask, c.seq_len, c.patch_nums), None, train)
-        return logits
+
+    def sequence(self, cond_bd: jax.Array, tokens_blc: jax.Array) -> jax.Array:
+        """The teacher-forcing sequence `[B, L, C]`: the start tokens, then the embedded inputs `[B, L - first_l, C]`,
+        with the scale + position embeddings."""
+        sos = cond_bd[:, None] + self.pos_start[None]
+        return jnp.concatenate([sos, tokens_blc], axis=1) + self.level_pos()[None]
+
+    def mask(self) -> np.ndarray:
+        """The static `[L, L]` teacher-forcing attention mask of `config.attn_mask`."""
+        c = self.config
+        return attention_mask(c.attn_mask, c.seq_len, c.patch_nums)

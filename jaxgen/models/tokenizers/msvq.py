@@ -146,6 +146,15 @@ class MultiScaleVQVAE(nn.Module):
         """Per-scale ids -> VAR's teacher-forcing input `[B, L - p_0^2, Cvae]`."""
         return self.quantize.teacher_forcing_input(indices)
 
+    def own_scale_input(self, indices: Sequence[Int[Array, "B l"]]) -> Float[Array, "B L1 C"]:
+        """Per-scale ids -> HMAR's own-token input `[B, L - p_0^2, Cvae]` (see
+        `MultiScaleResidualQuantizer.own_scale_input`)."""
+        return self.quantize.own_scale_input(indices)
+
+    def own_scale_map(self, si: int, h_bhwc: jax.Array) -> jax.Array:
+        """See `MultiScaleResidualQuantizer.own_scale_map`."""
+        return self.quantize.own_scale_map(si, h_bhwc)
+
     def next_autoregressive_input(self, si: int, f_hat: jax.Array, h_bhwc: jax.Array):
         """See `MultiScaleResidualQuantizer.next_autoregressive_input`."""
         return self.quantize.next_autoregressive_input(si, f_hat, h_bhwc)

@@ -326,6 +326,20 @@ class MultiScaleResidualQuantizer(nn.Module):
             inputs.append(x.reshape(x.shape[0], nxt * nxt, self.z_channels))
         return jnp.concatenate(inputs, axis=1)
 
+    def own_scale_map(self, si: int, h_bhwc: jax.Array) -> jax.Array:
+        """Scale `si`'s own codes `[B, p, p, C]` as its residual seen at its own side: area(Phi(bicubic(h, P)), p)
+        `[B, p, p, C]` (HMAR's masked-prediction input; both resizes are identities at the last scale)."""
+        p = h_bhwc.shape[1]
+        h = self.scale_residual(h_bhwc, si)
+        return h if si == len(self.patch_nums) - 1 else area_resize(h, (p, p))
+
+    def own_scale_input(self, indices: Sequence[jax.Array]) -> jax.Array:
+        """`own_scale_map` of every scale after the first, flattened -> `[B, L - p_0^2, C]` (aligned with
+        `teacher_forcing_input`)."""
+        self._check_scales(indices)
+        maps = [self.own_scale_map(si, self.codes(indices[si])) for si in range(1, len(self.patch_nums))]
+        return jnp.concatenate([m.reshape(m.shape[0], -1, self.z_channels) for m in maps], axis=1)
+
     def next_autoregressive_input(self, si: int, f_hat: jax.Array, h_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Sampling step: add scale `si`'s codes `[B, p, p, C]` to f_hat; return (f_hat, next scale's input map)."""
         f_hat = f_hat + self.scale_residual(h_bhwc, si)
