@@ -46,4 +46,13 @@ step 75 train_step_f32 python experiments/bench_train_step.py --mode=speed --dty
 step 120 maskgit_sampling python experiments/bench_maskgit_sampling.py --size=released --batch=1,64 --sampler-batch=64 \
   $([ -d .upstream/maskgit/maskgit ] && echo --official=.upstream/maskgit) \
   --official-commit=1db23594e1bd328ee78eadcd148a19281cd0f5b8 --out="$OUT/maskgit_sampling_gpu.json"
+# HMAR (bench_hmar.py): the d16 bf16 train step, HMAR block-sparse (pallas) vs VAR dense-masked (xla), the headline
+# pair first, then the other backend, then upstream's stage-1 step with its Triton kernel vs SDPA + mask (fp16, as its
+# benchmark/training.py). 30 s keeps the limits at ~600 s in all and may end within the first rows (a d16 compile each);
+# the JSON is rewritten after every row, so it keeps what finished. The full d16 run (sampling beside the official
+# HMAR.generate, stage 2) needs its own device call (experiments/README.md, HMAR section).
+# .upstream/hmar = `git -C <NVlabs/HMAR mirror> archive HEAD | tar -x -C .upstream/hmar`.
+step 30 hmar python experiments/bench_hmar.py --size=d16 --parts=train,official_train --train-models=hmar,var \
+  --backends=pallas,xla --repeats=3 $([ -d .upstream/hmar/models ] && echo --official=.upstream/hmar) \
+  --official-commit=595a9df03a9df8152c7b50d96204d76cdd6dc244 --out="$OUT/hmar_gpu.json"
 echo "done: $(ls "$OUT")"
