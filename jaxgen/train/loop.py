@@ -390,7 +390,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             last = i == len(stages) - 1
             report[stage.name] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir,
                                                  real, stage_dir if not last else workdir)  # fmt: skip
-        gen_params = to_host(gen_params)
+        if i < len(stages) - 1:  # the next stage starts from these
+            gen_params = to_host(gen_params)
     return _finish(report, workdir, writer, t_start)
 
 
