@@ -20,6 +20,11 @@ Logits and softmax run in float32 whatever the input dtype (all three). The outp
 and carries the logical axes ('batch', 'heads', 'length', 'kv') (a no-op outside a mesh, see
 `jaxgen.models.layers.constrain`). A query row that may attend to nothing is NaN with `xla` (softmax of an all -inf
 row), 0 with `pallas`, and the mean of v with a `cudnn` bias mask; the generators never build such rows.
+
+`axial_attention(q, k, v, *, axis, causal, scale, backend)` is the same op along one axis of an image grid (the Axial
+Transformer's row and column attention): q / k / v `[B, H, W, N, D]`. With 'xla' and 'cudnn' the other axis is
+folded into the batch and `attention` runs with the causal mask (or none); 'pallas' is
+`pallas_kernels.axial_attention`, the flash kernel that folds the grid itself and skips the masked tiles.
 """
 
 from __future__ import annotations
@@ -216,7 +221,7 @@ def _pallas(q, k, v, mask, scale: float, interpret: bool | None):
 
 def _shard_plan(q, k) -> tuple[jax.sharding.AbstractMesh, PartitionSpec, PartitionSpec] | None:
     """Under a mesh with logical axis rules (`jaxgen.parallel.partition.activation_rules`): the mesh and the
-    `[B, H, L, D]` partition specs of q and of k / v that split batch and heads as the 'batch' and 'heads' rules say
+    `[B, H, L, D]` (or axial `[B, H, R, C, D]`) partition specs of q and of k / v that split batch and heads as the 'batch' and 'heads' rules say
     (mesh axes that do not divide a size dropped; length and head_dim whole, as the kernel needs every key of its
     rows). None outside a mesh or when nothing would be split.
 
@@ -228,11 +233,84 @@ def _shard_plan(q, k) -> tuple[jax.sharding.AbstractMesh, PartitionSpec, Partiti
     if mesh.empty or not rules:
         return None
     batch_heads = nn.logical_to_mesh_axes(("batch", "heads"), rules)
-    spec = PartitionSpec(*batch_heads, None, None)
+    spec = PartitionSpec(*batch_heads, *(None,) * (q.ndim - 2))
     q_spec, kv_spec = fit_spec(spec, q.shape, mesh), fit_spec(spec, k.shape, mesh)
     if all(entry is None for entry in q_spec):
         return None
     return mesh, q_spec, kv_spec
+
+
+def _pad_head_dim(x: jax.Array, size: int) -> jax.Array:
+    extra = size - x.shape[-1]
+    return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def _kernel_head_dim(d: int) -> int:
+    """The head dim the axial kernel runs at: the next power of two, at least its minimum (16)."""
+    from pallas_kernels.axial_attention.ops import MAX_HEAD_DIM, MIN_HEAD_DIM
+
+    size = max(MIN_HEAD_DIM, 1 << max(d - 1, 0).bit_length())
+    if size > MAX_HEAD_DIM:
+        raise ValueError(f"axial attention backend 'pallas': head dim {d} is above the kernel's {MAX_HEAD_DIM}")
+    return size
+
+
+def _axial_pallas(q, k, v, axis: str, causal: bool, scale: float, interpret: bool | None):
+    """`pallas_kernels.axial_attention` on `[B, H, W, N, D]`: the kernel's `[B, N, H, W, D']` layout with D zero-padded
+    to D' (a power of two >= 16: padded q / k columns add 0 to every logit, padded v columns are sliced off), inside
+    `shard_map` over batch and heads under a mesh with logical axis rules."""
+    from pallas_kernels.axial_attention import axial_attention as kernel_op
+
+    d = q.shape[-1]
+    size = _kernel_head_dim(d)
+    if interpret is None:
+        interpret = _platform() == "cpu"
+    to_kernel = lambda x: _pad_head_dim(jnp.transpose(x, (0, 3, 1, 2, 4)), size)  # noqa: E731
+    kernel = functools.partial(kernel_op, axis=axis, causal=causal, sm_scale=float(scale), interpret=bool(interpret))
+    q5, k5, v5 = (to_kernel(x) for x in (q, k, v))
+    plan = _shard_plan(q5, k5)
+    if plan is None:
+        out = kernel(q5, k5, v5)
+    else:
+        mesh, spec, _ = plan
+        out = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q5, k5, v5)
+    return jnp.transpose(out[..., :d], (0, 2, 3, 1, 4)).astype(v.dtype)
+
+
+def axial_attention(
+    q_bhwnd: Float[Array, "B H W N D"],
+    k_bhwnd: Float[Array, "B H W N D"],
+    v_bhwnd: Float[Array, "B H W N D"],
+    *,
+    axis: str,
+    causal: bool,
+    scale: float,
+    backend: str = "xla",
+    interpret: bool | None = None,
+) -> Float[Array, "B H W N D"]:
+    """softmax(scale * q k^T) v along one axis of an image grid -> `[B, H, W, N, D]` in v's dtype. q / k / v are
+    channels-last grids with N heads of D. `axis` "row": position (h, w) attends to (h, w') of its row; "col": to
+    (h', w) of its column. `causal`: along that axis only to positions <= its own. `backend`: 'xla' | 'cudnn' fold the
+    other axis into the batch and call `attention` (the causal `[L, L]` mask or none); 'pallas' runs
+    `pallas_kernels.axial_attention` (any head dim up to 256: it is zero-padded to the kernel's power of two)."""
+    check_backend(backend, "axial attention")
+    if axis not in ("row", "col"):
+        raise ValueError(f"axial attention: axis must be 'row' (over W) or 'col' (over H), got {axis!r}")
+    for name, x in (("q", q_bhwnd), ("k", k_bhwnd), ("v", v_bhwnd)):
+        if x.ndim != 5 or x.shape != q_bhwnd.shape:
+            raise ValueError(f"axial attention: {name} must be [B, H, W, N, D] like q {tuple(q_bhwnd.shape)}, "
+                             f"got {tuple(x.shape)}")  # fmt: skip
+    if backend == "pallas":
+        return _axial_pallas(q_bhwnd, k_bhwnd, v_bhwnd, axis, causal, scale, interpret)
+    b, h, w, n, d = q_bhwnd.shape
+    # fold to sequences [B * other, N, L, D]: rows are (b, h) with L = W, columns (b, w) with L = H
+    perm = (0, 1, 3, 2, 4) if axis == "row" else (0, 2, 3, 1, 4)
+    length = w if axis == "row" else h
+    fold = lambda x: jnp.transpose(x, perm).reshape(-1, n, length, d)  # noqa: E731
+    mask = np.tri(length, dtype=bool) if causal else None
+    out = attention(fold(q_bhwnd), fold(k_bhwnd), fold(v_bhwnd), mask=mask, scale=scale, backend=backend)
+    out = out.reshape(b, h if axis == "row" else w, n, length, d)
+    return jnp.transpose(out, (0, 1, 3, 2, 4) if axis == "row" else (0, 3, 1, 2, 4))
 
 
 def attention(
