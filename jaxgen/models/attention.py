@@ -221,9 +221,9 @@ def _pallas(q, k, v, mask, scale: float, interpret: bool | None):
 
 def _shard_plan(q, k) -> tuple[jax.sharding.AbstractMesh, PartitionSpec, PartitionSpec] | None:
     """Under a mesh with logical axis rules (`jaxgen.parallel.partition.activation_rules`): the mesh and the
-    `[B, H, L, D]` (or axial `[B, H, R, C, D]`) partition specs of q and of k / v that split batch and heads as the 'batch' and 'heads' rules say
-    (mesh axes that do not divide a size dropped; length and head_dim whole, as the kernel needs every key of its
-    rows). None outside a mesh or when nothing would be split.
+    `[B, H, L, D]` (or axial `[B, H, R, C, D]`) partition specs of q and of k / v that split batch and heads as the
+    'batch' and 'heads' rules say (mesh axes that do not divide a size dropped; the other dimensions whole, as the
+    kernel needs every key of its rows). None outside a mesh or when nothing would be split.
 
     The Pallas call is a custom call that XLA's partitioner cannot split, so without this it would gather q / k / v
     onto every device and run the whole attention there; under `shard_map` each device runs the kernel on its own
@@ -265,7 +265,7 @@ def _axial_pallas(q, k, v, axis: str, causal: bool, scale: float, interpret: boo
     size = _kernel_head_dim(d)
     if interpret is None:
         interpret = _platform() == "cpu"
-    to_kernel = lambda x: _pad_head_dim(jnp.transpose(x, (0, 3, 1, 2, 4)), size)  # noqa: E731
+    to_kernel = lambda x: _pad_head_dim(jnp.transpose(x, (0, 3, 1, 2, 4)), size)
     kernel = functools.partial(kernel_op, axis=axis, causal=causal, sm_scale=float(scale), interpret=bool(interpret))
     q5, k5, v5 = (to_kernel(x) for x in (q, k, v))
     plan = _shard_plan(q5, k5)
@@ -306,7 +306,7 @@ def axial_attention(
     # fold to sequences [B * other, N, L, D]: rows are (b, h) with L = W, columns (b, w) with L = H
     perm = (0, 1, 3, 2, 4) if axis == "row" else (0, 2, 3, 1, 4)
     length = w if axis == "row" else h
-    fold = lambda x: jnp.transpose(x, perm).reshape(-1, n, length, d)  # noqa: E731
+    fold = lambda x: jnp.transpose(x, perm).reshape(-1, n, length, d)
     mask = np.tri(length, dtype=bool) if causal else None
     out = attention(fold(q_bhwnd), fold(k_bhwnd), fold(v_bhwnd), mask=mask, scale=scale, backend=backend)
     out = out.reshape(b, h if axis == "row" else w, n, length, d)

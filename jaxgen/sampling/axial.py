@@ -76,7 +76,7 @@ def sample_pixels(
     c = model.config
     b, h, w, d = labels_b.shape[0], c.height, c.width, c.hidden_size
     dt = c.compute_dtype
-    apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
+    apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
     pos = apply(AxialTransformer.pos2d)  # [H, W, D]
     top_p = settings.top_p if settings.top_p < 1.0 else 0.0
 
@@ -117,7 +117,7 @@ def sample_pixels(
 
 def _set_row(img_bhwc, row_bw, r, k):
     """img[:, r, :, k] = row (r, k traced)."""
-    b, h, w, ch = img_bhwc.shape
+    _b, h, _w, ch = img_bhwc.shape
     hit = (jnp.arange(h)[:, None] == r) & (jnp.arange(ch)[None, :] == k)  # [H, C]
     return jnp.where(hit[None, :, None, :], row_bw[:, None, :, None], img_bhwc)
 

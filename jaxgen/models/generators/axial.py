@@ -143,11 +143,11 @@ class AttentionProjections(nn.Module):
 
     def split(self, x: Float[Array, "... D"]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`[..., D]` -> q, k, v `[..., heads, head_dim]`."""
-        shape = x.shape[:-1] + (self.config.num_heads, self.config.head_dim)
+        shape = (*x.shape[:-1], self.config.num_heads, self.config.head_dim)
         return tuple(f(x).reshape(shape) for f in (self.q, self.k, self.v))
 
     def __call__(self, heads: Float[Array, "... N hd"]) -> Float[Array, "... D"]:
-        return self.proj_out(heads.reshape(heads.shape[:-2] + (-1,)))
+        return self.proj_out(heads.reshape((*heads.shape[:-2], -1)))
 
 
 class Mlp(nn.Module):
@@ -251,7 +251,7 @@ class PixelDecoder2D(nn.Module):
     def pos(self) -> Float[Array, "H W D"]:
         return self.pos_embs_h[:, None, :] + self.pos_embs_w[None, :, :]
 
-    def embed(self, x: Int[Array, "..."]) -> Float[Array, "... D"]:
+    def embed(self, x: Int[Array, ...]) -> Float[Array, "... D"]:
         return jnp.take(self.embs, x, axis=0)
 
     def outer(self, e_bhwd, cond, train: bool = False) -> Float[Array, "B H W D"]:
@@ -410,7 +410,7 @@ class AxialTransformer(nn.Module):
         return self.transformer2d.inner_pixel(x_in_bd, col, cache)
 
 
-def bits_per_dim(logits: Float[Array, "... K"], x: Int[Array, "..."]) -> tuple[jax.Array, jax.Array]:
+def bits_per_dim(logits: Float[Array, "... K"], x: Int[Array, ...]) -> tuple[jax.Array, jax.Array]:
     """(per (sub)pixel negative log-likelihood in nats `[...]`, its mean over the trailing axes of each image in bits
     `[B]`): sparse softmax cross-entropy, / ln 2."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

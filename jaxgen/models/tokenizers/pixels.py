@@ -29,12 +29,12 @@ class PixelConfig:
             raise ValueError(f"PixelConfig.channels must be 1 (grey) or 3 (RGB), got {self.channels}")
 
 
-def to_uint8(img: Float[Array, "..."]) -> Int[Array, "..."]:
+def to_uint8(img: Float[Array, ...]) -> Int[Array, ...]:
     """[-1, 1] -> 0..255 int32 (rounded, clipped)."""
     return jnp.clip(jnp.round((img.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.int32)
 
 
-def from_uint8(x: Int[Array, "..."]) -> Float[Array, "..."]:
+def from_uint8(x: Int[Array, ...]) -> Float[Array, ...]:
     """0..255 -> [-1, 1] float32."""
     return x.astype(jnp.float32) / 127.5 - 1.0
 
@@ -66,7 +66,7 @@ class PixelTokenizer(nn.Module):
     def unflatten(self, ids_bl: Int[Array, "B L"]) -> Int[Array, "B H W C"]:
         """`[B, S * S * C]` -> `[B, S, S, C]` (S from L)."""
         c = self.config.channels
-        side = int(round((ids_bl.shape[1] // c) ** 0.5))
+        side = round((ids_bl.shape[1] // c) ** 0.5)
         if side * side * c != ids_bl.shape[1]:
             raise ValueError(f"pixel tokenizer: {ids_bl.shape[1]} ids are not a square image of {c} channel(s)")
         return ids_bl.reshape(ids_bl.shape[0], side, side, c)
@@ -82,4 +82,3 @@ class PixelTokenizer(nn.Module):
         """The protocol's training forward: the exact reconstruction, zero VQ loss, the ids."""
         ids = self.encode_ids(img_bhwc)
         return self.decode_ids(ids), jnp.zeros((), jnp.float32), ids
-
