@@ -12,12 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.families import hmar, llamagen, maskgit, titok, var
+from jaxgen.families import axial, hmar, llamagen, maskgit, titok, var
 from jaxgen.families.base import Family
 from jaxgen.models.registry import init_params
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (var.FAMILY, llamagen.FAMILY, titok.FAMILY, maskgit.FAMILY, hmar.FAMILY)
+    f.name: f for f in (var.FAMILY, llamagen.FAMILY, titok.FAMILY, maskgit.FAMILY, hmar.FAMILY, axial.FAMILY)
 }
 
 # Tokenizer fields that only change how training updates the codebook (see jaxgen.models.tokenizers.quantizers):
@@ -95,7 +95,7 @@ def param_shapes(family: Family, tokenizer, generator) -> dict[str, Any]:
     """{tokenizer key: shapes, generator key: shapes} from `jax.eval_shape` (nothing allocated), plain
     ShapeDtypeStructs (logical-axis boxes stripped)."""
     key = jax.random.key(0)
-    tok = jax.eval_shape(tokenizer.init, key, example_image(family, tokenizer, generator))["params"]
+    tok = jax.eval_shape(tokenizer.init, key, example_image(family, tokenizer, generator)).get("params", {})
     gen = jax.eval_shape(generator.init, key, *family.generator_inputs(generator))["params"]
     return nn.unbox({family.tokenizer_key: tok, family.generator_key: gen})
 

@@ -71,6 +71,11 @@ class Family:
     golden: Callable[[Path, dict], dict[str, np.ndarray]] | None = None
     # the generator's training stages in order; () is one stage "generator" with `objective`
     stages: tuple[GeneratorStage, ...] = ()
+    # False: the tokenizer has no params to train or load (pixels); config.stages has no "tokenizer" then
+    trains_tokenizer: bool = True
+    # (tokenizer, generator) -> fn(params, batch {"tokens", "label"}) -> {metric: [B]}: per-example metrics of the
+    # held-out split (`data.eval_split`) after each generator stage, averaged into the report as held_out_<metric>
+    held_out: Callable[[Any, Any], Callable[[Any, dict], dict]] | None = None
 
     def generator_stages(self) -> tuple[GeneratorStage, ...]:
         return self.stages or (GeneratorStage("generator", self.objective),)

@@ -43,6 +43,11 @@ def check_config(config) -> None:
                 f"(jaxgen.train.sections.train_section) or drop the stage"
             )
     family, tokenizer, generator = build_models(config, training=True)
+    if "tokenizer" in stages and not family.trains_tokenizer:
+        raise ValueError(
+            f"config.stages has 'tokenizer' but family {family.name!r} models pixels: its tokenizer has nothing to "
+            f"train; drop 'tokenizer' from config.stages"
+        )
     trains_generator = any(s != "tokenizer" for s in stages)
     family.check(tokenizer, generator if trains_generator else None, int(config.data.image_size))
     loss_cfg = TokenizerLossConfig.from_section(config.get("tokenizer_loss"))
@@ -51,7 +56,7 @@ def check_config(config) -> None:
     batch_axes = batch_mesh_axes(config)
     for stage in stages:
         check_train_section(config[f"train_{stage}"], f"train_{stage}", batch_axes, jax.process_count())
-    if trains_generator and "tokenizer" not in stages:
+    if trains_generator and "tokenizer" not in stages and family.trains_tokenizer:
         check_tokenizer_checkpoint(config)
     if trains_generator and config.get("eval") is not None:
         check_eval_section(config.eval)

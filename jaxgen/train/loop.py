@@ -219,7 +219,7 @@ def train_stage(
 def _class_grid_labels(config, num_classes: int) -> np.ndarray:
     """`config.grid.classes` repeated `per_class` times; a class the generator does not have is an error."""
     classes = [int(c) for c in config.grid.classes]
-    bad = [c for c in classes if not 0 <= c < num_classes]
+    bad = [c for c in classes if not 0 <= c < num_classes] if num_classes else []  # 0: unconditional
     if bad:
         raise ValueError(
             f"grid.classes {bad} are outside the generator's {num_classes} classes (0..{num_classes - 1}): fix "
@@ -229,9 +229,10 @@ def _class_grid_labels(config, num_classes: int) -> np.ndarray:
 
 
 def _check_classes(config, generator) -> None:
-    """The dataset's classes (train and eval split) must fit the generator's `num_classes`, before anything runs."""
+    """The dataset's classes (train and eval split) must fit the generator's `num_classes`, before anything runs
+    (an unconditional generator, num_classes 0, takes any)."""
     for split in (config.data.train_split, config.data.eval_split):
-        data_lib.check_class_count(data_lib.load_source(config.data, split), generator.config.num_classes)
+        data_lib.check_class_count(data_lib.load_source(config.data, split), generator.config.num_classes or None)
 
 
 def _tokenizer_sample_fn(tokenizer, config, stage_dir: Path) -> Callable[[Any, int], None]:
@@ -297,7 +298,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     if any(s.name in config.stages for s in family.generator_stages()):
         _check_classes(config, generator)
         grid_labels = _class_grid_labels(config, generator.config.num_classes)
-        tok_params = None if "tokenizer" in config.stages else _load_tokenizer(config, family)
+        if not family.trains_tokenizer:
+            tok_params = {}  # nothing to train or load (pixels)
+        else:
+            tok_params = None if "tokenizer" in config.stages else _load_tokenizer(config, family)
     fingerprints = {s: _fingerprint(config, family, sections, s) for s in config.stages}
     for stage in config.stages:
         _claim_stage_dir(workdir / stage, fingerprints[stage])
@@ -386,13 +390,44 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         )
         gen_params = task.export(state)
         _export(stage_dir, {family.tokenizer_key: tok_params, family.generator_key: gen_params}, family, sections)
+        if family.held_out is not None:
+            held = _held_out_eval(family, plain_tok, generator, gen_params, config)
+            writer.write(int(state.step), held, stage=f"{stage.name}_eval")
+            report.setdefault(stage.name, {}).update(held)
         if scored:
             last = i == len(stages) - 1
-            report[stage.name] = _generator_eval(config, sampler, gen_params, tok_params, grid_labels, workdir,
-                                                 real, stage_dir if not last else workdir)  # fmt: skip
+            report.setdefault(stage.name, {}).update(_generator_eval(
+                config, sampler, gen_params, tok_params, grid_labels, workdir, real, stage_dir if not last else workdir
+            ))  # fmt: skip
         if i < len(stages) - 1:  # the next stage starts from these
             gen_params = to_host(gen_params)
     return _finish(report, workdir, writer, t_start)
+
+
+def _held_out_eval(family: Family, tokenizer, generator, gen_params, config, batch_size: int = 64) -> dict:
+    """`family.held_out`'s per-example metrics over the whole held-out split (`data.eval_split`), averaged:
+    {"held_out_<metric>": mean, "held_out_images": n}. The images become ids with the tokenizer (in batches)."""
+    t0 = time.perf_counter()
+    arrays = data_lib.load_eval_arrays(config.data, config.data.eval_split)
+    encode = encode_fn(tokenizer, {})
+    metric_fn = jax.jit(family.held_out(tokenizer, generator))
+    params = to_host(gen_params)
+    sums: dict[str, float] = {}
+    n = len(arrays["image"])
+    for begin in range(0, n, batch_size):
+        images = arrays["image"][begin : begin + batch_size]
+        labels = np.asarray(arrays["label"][begin : begin + batch_size], np.int32)
+        pad = batch_size - len(images)  # one compiled shape: pad the last batch, drop the padding's metrics
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+            labels = np.concatenate([labels, np.repeat(labels[-1:], pad)])
+        out = jax.device_get(metric_fn(params, {"tokens": encode(images), "label": labels}))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[: batch_size - pad]))
+    result = {f"held_out_{k}": v / n for k, v in sums.items()}
+    result["held_out_images"] = n
+    logging.info("held-out split: %s over %d images in %.1f s", result, n, time.perf_counter() - t0)
+    return result
 
 
 def _tokenizer_eval(tokenizer, params, config, loss_cfg: TokenizerLossConfig) -> dict:
