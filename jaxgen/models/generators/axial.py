@@ -215,6 +215,18 @@ class AxialBlock(nn.Module):
         return self._residuals(x_nd, heads, train=False), (ck, cv)
 
 
+def check_pixel_values(x) -> None:
+    """8-bit values 0..255 (integers) when `x` is concrete; a traced `x` is not checked (nothing to read)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"axial: pixels must be integers 0..255, got dtype {arr.dtype} (images in [-1, 1] become "
+                         f"pixels through the pixel tokenizer's encode_ids)")  # fmt: skip
+    if arr.size and (arr.min() < 0 or arr.max() > NUM_VALUES - 1):
+        raise ValueError(f"axial: pixel values must be in [0, 255], got min {arr.min()} max {arr.max()}")
+
+
 def _blocks(module: nn.Module, names: list[str]) -> list[AxialBlock]:
     return [getattr(module, n) for n in names]
 
@@ -339,7 +351,7 @@ class AxialTransformer(nn.Module):
             self.class_embs = self.param("class_embs", logical(init, ("classes", "embed")), (c.num_classes, d))
 
     def check_input(self, x_bhwc, labels_b=None) -> None:
-        """Shape errors before compiling (values are checked on the host: `jaxgen.families.axial.check_pixels`)."""
+        """Shape errors before compiling, and values outside 0..255 when `x_bhwc` is concrete (not traced)."""
         c = self.config
         want = (c.height, c.width, c.channels)
         if x_bhwc.ndim != 4 or tuple(x_bhwc.shape[1:]) != want:
@@ -347,6 +359,7 @@ class AxialTransformer(nn.Module):
                              f"model's height, width, channels), got shape {tuple(x_bhwc.shape)}")  # fmt: skip
         if labels_b is not None and tuple(labels_b.shape) != (x_bhwc.shape[0],):
             raise ValueError(f"axial: labels must be [B] = [{x_bhwc.shape[0]}], got {tuple(labels_b.shape)}")
+        check_pixel_values(x_bhwc)
 
     def class_cond(self, labels_b) -> jax.Array | None:
         """The external cond `[B, 1, 1, D]` of class-conditional models (None when unconditional)."""
