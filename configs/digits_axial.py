@@ -5,7 +5,7 @@ tokenizer), class-conditional, through the same loop as the other digits recipes
     python -m jaxgen.main --config=configs/digits_axial.py:smoke --workdir=/tmp/digits_axial_smoke
     python -m jaxgen.main --config=configs/digits_axial.py:rgb --workdir=workdir/digits_axial_rgb
 
-The report has the held-out bits per dim (every pixel of the 360 test digits, teacher forced) beside the class
+The report has the held-out bits per dim (every pixel of the 296 held-out digits, teacher forced) beside the class
 fidelity and digits FID of the samples. `rgb` models the three (equal) channels one at a time with the conditioning
 stack, as the ImageNet model does; `uncond` is upstream's unconditional model (num_classes 0).
 """
