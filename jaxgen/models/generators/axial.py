@@ -183,7 +183,7 @@ class AxialBlock(nn.Module):
         x = x + self.drop(branch, deterministic=not train)
         self.sow("intermediates", "resid_mid", x)
         h = self.layernorm_mlp(x)
-        self.sow("intermediates", "layernorm_mlp", h)
+        self.sow("intermediates", "layernorm_mlp_out", h)
         branch = self.mlp(h)
         self.sow("intermediates", "mlp_branch", branch)
         return x + self.drop(branch, deterministic=not train)
@@ -191,7 +191,7 @@ class AxialBlock(nn.Module):
     def __call__(self, x: Float[Array, "B H W D"], train: bool = False) -> Float[Array, "B H W D"]:
         c = self.config
         h = self.layernorm_attn(x)
-        self.sow("intermediates", "layernorm_attn", h)
+        self.sow("intermediates", "layernorm_attn_out", h)
         q, k, v = self.attn.split(h)
         for name, t in (("q", q), ("k", k), ("v", v)):
             self.sow("intermediates", name, t)
@@ -285,7 +285,7 @@ class PixelDecoder2D(nn.Module):
 
     def to_logits(self, h: Float[Array, "... D"]) -> Float[Array, "... 256"]:
         h = self.final_ln(h)
-        self.sow("intermediates", "final_ln", h)
+        self.sow("intermediates", "final_ln_out", h)
         return self.final_dense(h).astype(jnp.float32)
 
     def __call__(self, x_bhw: Int[Array, "B H W"], cond=None, train: bool = False) -> Float[Array, "B H W 256"]:
