@@ -18,6 +18,8 @@ VAR_FIXTURES = SHARED / "fixtures" / "var"
 VAR_FIXTURE_A = VAR_FIXTURES / "var_fixture_A.npz"
 HMAR_FIXTURES = SHARED / "fixtures" / "hmar"
 HMAR_FIXTURE_A = HMAR_FIXTURES / "hmar_fixture_A.npz"
+AXIAL_FIXTURES = SHARED / "fixtures" / "axial"
+AXIAL_FIXTURE_A = AXIAL_FIXTURES / "axial_fixture_A.npz"
 EVAL_FIXTURES = SHARED / "fixtures" / "eval"
 EVAL_FIXTURE_A = EVAL_FIXTURES / "eval_fixture_A.npz"
 

@@ -31,7 +31,7 @@ from tests.helpers import random_params, tiny_var
 
 def test_every_binary_reads_the_one_registry(capsys):
     families_with_golden = {n for n, f in FAMILIES.items() if f.golden is not None}
-    assert families_with_golden == {"var", "llamagen", "maskgit", "hmar"}
+    assert families_with_golden == {"var", "llamagen", "maskgit", "hmar", "axial"}
     assert set(verify.GOLDEN) == families_with_golden | {"eval"}  # the evaluator's golden check is not a family
     with pytest.raises(SystemExit):
         convert_main(["--help"])
@@ -39,7 +39,7 @@ def test_every_binary_reads_the_one_registry(capsys):
     for name, family in FAMILIES.items():
         assert (name in help_text) == (family.convert is not None)
     with pytest.raises(ValueError, match="not one of"):
-        get_family("axial")
+        get_family("pixelcnn")
 
 
 # ---- the tokenizer protocol -------------------------------------------------------------------------------------

@@ -71,15 +71,17 @@ def _block_acts(acts: dict, name: str, prefix: str, out: dict, substeps: bool) -
         out[f"{prefix}{name}/attn_probs"] = _probs(block, axis, causal)
 
 
-def _decoder_acts(acts2d: dict, model: AxialTransformer, prefix: str, out: dict) -> None:
-    """transformer2d's activations (the first block of each kind with its sub-steps)."""
+def _decoder_acts(acts2d: dict, model: AxialTransformer, prefix: str, out: dict, substeps: bool) -> None:
+    """transformer2d's activations (with `substeps`, those of the first block of each kind too: the fixture stores
+    them for the one-channel model, and for the conditioning stack's blocks of the three-channel one)."""
     c = model.config
     for name in _TOP:
         out[prefix + name] = _sown(acts2d, name)
     outer = [f"outer_{kind}_{i}" for i in range(c.num_outer_layers // 2) for kind in ("row", "col")]
     inner = [f"inner_row_{i}" for i in range(c.num_inner_layers)]
     for name in outer + inner:
-        _block_acts(acts2d, name, prefix, out, substeps=name in ("outer_row_0", "outer_col_0", "inner_row_0"))
+        first = name in ("outer_row_0", "outer_col_0", "inner_row_0")
+        _block_acts(acts2d, name, prefix, out, substeps=substeps and first)
     out[prefix + "inner_out"] = out[f"{prefix}{inner[-1]}/out"]
 
 
@@ -119,7 +121,7 @@ def run_axial_fixture(fixture: Path, meta: dict) -> dict[str, np.ndarray]:
                                    mutable=["intermediates"])  # fmt: skip
             acts = state["intermediates"]
             prefix = f"{kind}/act/" if kind == "gray" else f"{kind}/act/c{k}/"
-            _decoder_acts(acts["transformer2d"], model, prefix, out)
+            _decoder_acts(acts["transformer2d"], model, prefix, out, substeps=model.config.channels == 1)
             if model.config.channels > 1:
                 for name in _EXTERIOR:
                     out[prefix + name] = np.asarray(acts[name][0])
