@@ -33,7 +33,7 @@ step() {  # step SECONDS NAME COMMAND...
 step 100 eval python experiments/bench_eval.py --official_path=.upstream/pylib --weights=random --images=256 \
   --batch=64 --out="$OUT/eval_gpu.json"
 # Step 5 (kernels): the block-sparse kernel's tiles, tuned on VAR's masks (one call per scale list).
-step 120 attention_512px python experiments/bench_attention.py --tune --lists=512px --out="$OUT/attention_512px.json"
+step 100 attention_512px python experiments/bench_attention.py --tune --lists=512px --out="$OUT/attention_512px.json"
 step 90 attention_256px python experiments/bench_attention.py --tune --lists=256px --out="$OUT/attention_256px.json"
 # Step 4 (tokenizers): bf16 beside the official PyTorch models.
 step 75 tokenizer python experiments/bench_tokenizer.py --models=vq16,var_vqvae --dtype=bfloat16 --batch=16 \
@@ -43,7 +43,7 @@ step 75 train_step_f32 python experiments/bench_train_step.py --mode=speed --dty
   --out="$OUT/train_step_f32.json"
 # MaskGIT sampling: the released sizes' parallel decode (8, 12 steps) beside google-research/maskgit's own decode
 # (same params; .upstream/maskgit = `git archive HEAD maskgit` of its mirror) and LlamaGen's 256 steps at that size.
-step 120 maskgit_sampling python experiments/bench_maskgit_sampling.py --size=released --batch=1,64 --sampler-batch=64 \
+step 100 maskgit_sampling python experiments/bench_maskgit_sampling.py --size=released --batch=1,64 --sampler-batch=64 \
   $([ -d .upstream/maskgit/maskgit ] && echo --official=.upstream/maskgit) \
   --official-commit=1db23594e1bd328ee78eadcd148a19281cd0f5b8 --out="$OUT/maskgit_sampling_gpu.json"
 # HMAR (bench_hmar.py): the d16 bf16 train step, HMAR block-sparse (pallas) vs VAR dense-masked (xla), the headline
@@ -55,4 +55,9 @@ step 120 maskgit_sampling python experiments/bench_maskgit_sampling.py --size=re
 step 30 hmar python experiments/bench_hmar.py --size=d16 --parts=train,official_train --train-models=hmar,var \
   --backends=pallas,xla --repeats=3 $([ -d .upstream/hmar/models ] && echo --official=.upstream/hmar) \
   --official-commit=595a9df03a9df8152c7b50d96204d76cdd6dc244 --out="$OUT/hmar_gpu.json"
+# Axial Transformer (bench_axial.py): the axial attention op forward + backward, pallas (pallas_kernels/axial_attention)
+# vs xla (dense row / column softmax), at the ImageNet64 then 32 model shapes (bf16, D 2048 / 1536, 16 heads): the
+# issue's target is pallas >= 1.5x xla at 64x64. The JSON is rewritten after every row. The train-step and sampling
+# rows (--parts=train,sample) need their own call.
+step 40 axial python experiments/bench_axial.py --preset=gpu --parts=attention --out="$OUT/axial_gpu.json"
 echo "done: $(ls "$OUT")"
