@@ -17,12 +17,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from digits_scores import DigitsScorer, save_class_grid
 
-from jaxgen import data as data_lib
 from jaxgen.config_util import load_config
-from jaxgen.eval.class_fidelity import fit_classifier
-from jaxgen.eval.digits_fid import DigitsFID
-from jaxgen.eval.grids import save_grid
 from jaxgen.families import build_models
 from jaxgen.pretrained import load_pretrained
 
@@ -48,14 +45,8 @@ def main() -> None:
     family, pixels, model = build_models(config)
     _, params = load_pretrained(args.workdir, family=family.name)
     gen_p = params[family.generator_key]
-    held_out = data_lib.load_eval_arrays(config.data, config.data.eval_split)
-    train = data_lib.load_eval_arrays(config.data, config.data.train_split)
-    seed = int(config.seed)
-    fidelity = fit_classifier(held_out["image"], held_out["label"], seed=seed)
-    fid = DigitsFID.fit(train["image"], train["label"], seed=seed)
-    ref = fid.reference(held_out["image"])
     labels = np.repeat(np.arange(model.config.num_classes, dtype=np.int32), args.per_class)
-    floors = fid.real_floors(train["image"], train["label"], labels, ref, seed=seed)
+    scorer = DigitsScorer.fit(config, labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -64,22 +55,19 @@ def main() -> None:
         t0 = time.perf_counter()
         images = np.asarray(sampler(gen_p, {}, labels, jax.random.key(10_000)).images)
         elapsed = time.perf_counter() - t0
-        x = images * 2 - 1
         rows[name] = {
             "sampling": {**config.sampling.to_dict(), **setting},
-            "class_fidelity": fidelity.score(x, labels)["class_fidelity"],
-            "digits_fid": fid.distance(x, ref),
+            **scorer.score(images, labels),
             "sample_s_with_compile": round(elapsed, 2),
         }
         print(name, rows[name])
-        grid = images.reshape(model.config.num_classes, args.per_class, *images.shape[1:])[:, :8]
-        save_grid(grid.reshape(-1, *images.shape[1:]), out / f"digits_axial_{name}.png", nrow=8, scale=4)
+        save_class_grid(images, model.config.num_classes, args.per_class, out / f"digits_axial_{name}.png")
     result = {
         "command": f"python experiments/axial_temperatures.py --workdir={args.workdir} --per_class={args.per_class}",
         "device": f"{jax.device_count()} x {jax.devices()[0].platform}",
         "num_samples": len(labels),
-        "digits_fid_real_floor": float(np.mean(floors)),
-        "digits_fid_real_floor_std": float(np.std(floors)),
+        "digits_fid_real_floor": scorer.floor,
+        "digits_fid_real_floor_std": scorer.floor_std,
         "settings": rows,
     }
     (out / "digits_axial_temperatures_cpu.json").write_text(json.dumps(result, indent=1, default=list))

@@ -18,12 +18,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from digits_scores import DigitsScorer, save_class_grid
 
-from jaxgen import data as data_lib
 from jaxgen.config_util import load_config
-from jaxgen.eval.class_fidelity import fit_classifier
-from jaxgen.eval.digits_fid import DigitsFID
-from jaxgen.eval.grids import save_grid
 from jaxgen.families import build_models
 from jaxgen.pretrained import load_pretrained
 
@@ -48,14 +45,8 @@ def main() -> None:
     family, vae, model = build_models(config)
     _, params = load_pretrained(args.workdir, family=family.name)
     tok_p, gen_p = params[family.tokenizer_key], params[family.generator_key]
-    held_out = data_lib.load_eval_arrays(config.data, config.data.eval_split)
-    train = data_lib.load_eval_arrays(config.data, config.data.train_split)
-    seed = int(config.seed)
-    fidelity = fit_classifier(held_out["image"], held_out["label"], seed=seed)
-    fid = DigitsFID.fit(train["image"], train["label"], seed=seed)
-    ref = fid.reference(held_out["image"])
     labels = np.repeat(np.arange(model.config.num_classes, dtype=np.int32), args.per_class)
-    floors = fid.real_floors(train["image"], train["label"], labels, ref, seed=seed)
+    scorer = DigitsScorer.fit(config, labels)
     base = family.sampler(model, vae, config.sampling.to_dict())
     rows = {}
     out = Path(args.out)
@@ -65,23 +56,20 @@ def main() -> None:
         t0 = time.perf_counter()
         images = np.asarray(sampler(gen_p, tok_p, labels, jax.random.key(10_000)).images)
         elapsed = time.perf_counter() - t0
-        x = images * 2 - 1
         rows[name] = {
             "mask_schedule": schedule,
-            "class_fidelity": fidelity.score(x, labels)["class_fidelity"],
-            "digits_fid": fid.distance(x, ref),
+            **scorer.score(images, labels),
             "sample_s_with_compile": round(elapsed, 2),
         }
         print(name, rows[name])
-        grid = images.reshape(model.config.num_classes, args.per_class, *images.shape[1:])[:, :8]
-        save_grid(grid.reshape(-1, *images.shape[1:]), out / f"digits_hmar_schedule_{name}.png", nrow=8, scale=4)
+        save_class_grid(images, model.config.num_classes, args.per_class, out / f"digits_hmar_schedule_{name}.png")
     result = {
         "command": f"python experiments/hmar_schedules.py --workdir={args.workdir} --per_class={args.per_class}",
         "device": f"{jax.device_count()} x {jax.devices()[0].platform}",
         "num_samples": len(labels),
         "sampling": config.sampling.to_dict(),
-        "digits_fid_real_floor": float(np.mean(floors)),
-        "digits_fid_real_floor_std": float(np.std(floors)),
+        "digits_fid_real_floor": scorer.floor,
+        "digits_fid_real_floor_std": scorer.floor_std,
         "schedules": rows,
     }
     (out / "digits_hmar_schedules_cpu.json").write_text(json.dumps(result, indent=1, default=list))
