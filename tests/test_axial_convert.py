@@ -5,18 +5,21 @@ import json
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxgen.config_util import load_config
 from jaxgen.convert import __main__ as convert_cli
 from jaxgen.convert.axial import (
     EMA_SUFFIX,
     check_variable_list,
+    config_from_spec,
     expected_variables,
     infer_axial_config,
     model_variables,
+    tf_name,
 )
 from jaxgen.families import FAMILIES, param_shapes
-from jaxgen.pretrained import load_pretrained
+from jaxgen.pretrained import check_tree_shapes, load_pretrained
 from tests.conftest import REPO
 from tests.helpers import AXIAL_FIXTURE_A, AXIAL_FIXTURES
 
@@ -48,34 +51,73 @@ def test_released_variable_trees(variant):
     assert _count(param_shapes(family, pixels, model)["axial"]) == released["num_params"]
 
 
-def _gray_variables() -> dict[str, np.ndarray]:
+def _fixture_variables(scope: str) -> dict[str, np.ndarray]:
     with np.load(AXIAL_FIXTURE_A) as f:
-        return {k.removeprefix("axial/"): f[k] for k in f.files if k.startswith("axial/transformer2d/")}
+        return {k.removeprefix("axial/"): f[k] for k in f.files if k.startswith(f"axial/{scope}/")}
+
+
+def _gray_variables() -> dict[str, np.ndarray]:
+    return _fixture_variables("transformer2d")
+
+
+def _by_tf_name(params: dict, scope: str) -> dict[str, np.ndarray]:
+    """A converted param tree keyed by the TF names (`tf_name`), the one-channel model's under transformer2d/."""
+    flat = traverse_util.flatten_dict(params)
+    if scope == "transformer2d":
+        flat = {k[1:]: v for k, v in flat.items()}
+    return {tf_name(k, scope): np.asarray(v) for k, v in flat.items()}
 
 
 @needs_fixture
-def test_cli_takes_the_ema_copies_and_reads_back(tmp_path):
+@pytest.mark.parametrize(("scope", "heads", "channels"), [("transformer2d", 4, 1), ("ar_decoder", 4, 3)])
+def test_cli_takes_the_ema_copies_and_reads_back(tmp_path, scope, heads, channels):
     """A training checkpoint's layout (raw variables, their EMA copies, global_step, Adam slots): the converted params
-    are the EMA copies (the raw ones with --no-ema), and load_pretrained reads them back leaf for leaf."""
-    ema = _gray_variables()
-    ckpt = {name: np.zeros_like(v) for name, v in ema.items()}  # the raw variables: zeros
-    ckpt.update({f"{name}{EMA_SUFFIX}": v for name, v in ema.items()})
-    ckpt.update({f"{name}/Adam": np.ones_like(v) for name, v in ema.items()} | {"global_step": np.int64(7)})
+    are the EMA copies (the raw ones with --no-ema), and load_pretrained reads every one back; its config.json builds
+    the model those params fit."""
+    ema = _fixture_variables(scope)
+    raw = {name: np.zeros_like(v) for name, v in ema.items()}
+    ckpt = raw | {f"{name}{EMA_SUFFIX}": v for name, v in ema.items()} | {"global_step": np.int64(7)}
+    ckpt |= {f"{name}/Adam{s}": np.ones_like(v) for name, v in ema.items() for s in ("", "_1")}
     np.savez(tmp_path / "ckpt.npz", **ckpt)
-    for flags, want in (([], ema), (["--no-ema"], {k: np.zeros_like(v) for k, v in ema.items()})):
+    for flags, want in (([], ema), (["--no-ema"], raw)):
         out = tmp_path / f"out{len(flags)}"
-        rc = convert_cli.main(["axial", "--weights", str(tmp_path / "ckpt.npz"), "--num-heads", "4", *flags,
+        rc = convert_cli.main(["axial", "--weights", str(tmp_path / "ckpt.npz"), "--num-heads", str(heads), *flags,
                                "--out", str(out)])  # fmt: skip
         assert rc == 0
         config, params = load_pretrained(out, family="axial")
-        assert config["axial"]["hidden_size"] == 32 and config["pixels"] == {"channels": 1}
-        got = params["axial"]["transformer2d"]
-        np.testing.assert_array_equal(
-            got["outer_col_1"]["attn"]["q"]["kernel"], want["transformer2d/outer_col_1/attn/q/w"]
-        )
-        np.testing.assert_array_equal(got["final_ln"]["scale"], want["transformer2d/final_ln/g"])
-        np.testing.assert_array_equal(got["embs"], want["transformer2d/embs"])
+        assert params["pixels"] == {} and config["pixels"] == {"channels": channels}
+        assert config["axial"]["hidden_size"] == 32 and config["axial"]["num_heads"] == heads
+        got = _by_tf_name(params["axial"], scope)
+        assert sorted(got) == sorted(want)
+        for name, value in want.items():
+            assert got[name].dtype == np.float32
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+        pixels, model = FAMILIES["axial"].build(config["pixels"], config["axial"])
+        shapes = param_shapes(FAMILIES["axial"], pixels, model)
+        check_tree_shapes(params, shapes, "the converted checkpoint")
     assert set(model_variables(ckpt)) == set(ema)
+
+
+@needs_fixture
+def test_config_flag_and_its_disagreements(capsys):
+    """--config gives the heads (and dropout, ...); a config of another size, conflicting --num-heads and an EMA copy
+    for only some variables are each one error."""
+    released = json.loads((AXIAL_FIXTURES / "released_imagenet32_vars.json").read_text())
+    shapes = {k: tuple(v) for k, v in released["variables"].items()}
+    spec = str(REPO / "configs/axial_imagenet.py:imagenet32")
+    config = config_from_spec(spec, shapes)
+    want = load_config(spec).axial
+    assert (config.num_heads, config.dropout, config.hidden_size, config.channels) == (16, want.dropout, 1536, 3)
+    assert config_from_spec(spec, shapes, num_heads=16) == config
+    with pytest.raises(ValueError, match="--num-heads 8 but"):
+        config_from_spec(spec, shapes, num_heads=8)
+    with pytest.raises(ValueError, match=r"another model than the variables: axial.height=64 \(the variables: 32\)"):
+        config_from_spec(str(REPO / "configs/axial_imagenet.py:imagenet64"), shapes)
+    variables = _gray_variables()
+    partial = variables | {f"{n}{EMA_SUFFIX}": v for n, v in list(variables.items())[:5]}
+    with pytest.raises(ValueError, match=r"5 have an ExponentialMovingAverage copy but 98 do not.*--no-ema"):
+        model_variables(partial)
+    assert set(model_variables(partial, ema=False)) == set(variables)
 
 
 @needs_fixture

@@ -10,9 +10,11 @@ Dense or conv `w` -> `kernel` (the same layouts: [in, out], HWIO), `b` -> `bias`
 `bias`; `embs`, `pos_embs_h`, `pos_embs_w` keep their names.
 
 A training checkpoint holds each variable and its `<name>/ExponentialMovingAverage`, which upstream's evaluation
-scores: the EMA copy is taken when present (`--no-ema`: the raw one). `global_step`, Adam's slots and its beta powers
-are not model variables. Every size is read off the shapes except the number of heads (q is a [D, D] kernel): give
-`--num-heads` or a `--config`. Names and shapes are checked against the model before anything is converted.
+scores: the EMA copies are taken when present (`--no-ema`: the raw ones; upstream averages every trainable variable,
+so EMA copies for only some of them are an error). `global_step`, Adam's slots and its beta powers are not model
+variables. Every size is read off the shapes except the number of heads (q is a [D, D] kernel): give `--num-heads` or
+a `--config` (its axial section, whose sizes must be the variables'). Names and shapes are checked against the model
+before anything is converted, each problem kind in one line (how many, and the first few names).
 
 Reading a TF checkpoint needs TensorFlow, which jaxgen does not depend on; without it, dump the variables to an npz
 once (on any machine with TensorFlow) and convert that:
@@ -35,6 +37,7 @@ import jax
 import numpy as np
 
 from jaxgen.models.generators.axial import AxialConfig, AxialTransformer
+from jaxgen.models.tokenizers.pixels import PixelConfig
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 NOT_MODEL = re.compile(r"(^|/)(global_step|beta1_power|beta2_power)$|/Adam(_\d+)?$")
@@ -46,16 +49,18 @@ _SIZES = ("height", "width", "hidden_size", "mlp_factor", "num_outer_layers", "n
 
 
 def read_variables(path: str | Path) -> dict[str, np.ndarray]:
-    """name -> array from an `.npz` (keys may carry an `axial/` prefix, as the fixtures do) or a TF checkpoint prefix
-    (needs TensorFlow)."""
+    """name -> array from an `.npz` (keys may carry an `axial/` prefix, as the fixtures do), or a TF checkpoint: its
+    prefix (`model.ckpt-250000`, beside `.index`) or its directory (the latest one), which needs TensorFlow."""
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
             raise ValueError(f"--weights {path}: no such file")
         with np.load(path) as f:
             return {k.removeprefix("axial/"): np.asarray(f[k]) for k in f.files}
-    if not Path(f"{path}.index").is_file():
-        raise ValueError(f"--weights {path}: neither an .npz nor a TF checkpoint prefix (no {path}.index)")
+    tf_dir = path.is_dir() and (path / "checkpoint").is_file()
+    if not (tf_dir or Path(f"{path}.index").is_file()):
+        raise ValueError(f"--weights {path}: neither an .npz nor a TF checkpoint (no {path}.index, no checkpoint "
+                         f"directory)")  # fmt: skip
     try:
         import tensorflow as tf
     except ImportError as e:
@@ -81,6 +86,11 @@ def model_variables(arrays: Mapping[str, np.ndarray], ema: bool = True) -> dict[
         if ema and f"{name}{EMA_SUFFIX}" in arrays:
             continue
         out[name] = value
+    raw = sorted(n for n in out if f"{n}{EMA_SUFFIX}" not in arrays)
+    if ema and len(raw) < len(out) and raw:  # upstream averages every trainable variable: a mix is a damaged file
+        raise ValueError(f"axial variables: {len(out) - len(raw)} have an ExponentialMovingAverage copy but {len(raw)} "
+                         f"do not ({', '.join(raw[:3])}{', ...' if len(raw) > 3 else ''}): pass --no-ema for the "
+                         f"raw variables")  # fmt: skip
     return out
 
 
@@ -131,6 +141,8 @@ def infer_axial_config(shapes: Mapping[str, tuple[int, ...]], num_heads: int, **
         raise ValueError(f"axial variables: {e.args[0]!r} is missing, so the model's size cannot be read") from e
     if num_values != 256:
         raise ValueError(f"axial variables: embs has {num_values} rows; jaxgen's model is for 8-bit pixels (256)")
+    if hidden % d:
+        raise ValueError(f"axial variables: mlp/proj_in has {hidden} outputs, not a multiple of the width {d}")
     kw = dict(
         height=height,
         width=width,
@@ -205,27 +217,41 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="the raw variables, not their ExponentialMovingAverage")
 
 
+def config_from_spec(spec: str, shapes: Mapping[str, tuple[int, ...]], num_heads: int = 0) -> AxialConfig:
+    """The model of a config file (`configs/axial_imagenet.py:imagenet32`): its axial section (heads, dropout,
+    initialiser scales, backend, ...) over the sizes read off the variables, which must agree with it."""
+    from jaxgen.config_util import load_config
+    from jaxgen.families.base import config_from_dict, plain_section
+
+    cfg = load_config(spec)
+    section = plain_section(cfg.axial)
+    if not section.get("num_heads"):
+        raise ValueError(f"--config {spec}: its axial section has no num_heads")
+    if num_heads and num_heads != section["num_heads"]:
+        raise ValueError(f"--num-heads {num_heads} but --config {spec} has axial.num_heads={section['num_heads']}: "
+                         f"pass one of them")  # fmt: skip
+    read = infer_axial_config(shapes, num_heads=int(section["num_heads"]))
+    section.setdefault("channels", plain_section(cfg.get("pixels", {})).get("channels", read.channels))
+    sizes = (*_SIZES, "channels") + (("num_exterior_layers",) if read.channels > 1 else ())
+    differ = [f"axial.{k}={section[k]} (the variables: {getattr(read, k)})" for k in sizes
+              if k in section and section[k] != getattr(read, k)]  # fmt: skip
+    if differ:
+        raise ValueError(f"--config {spec} is another model than the variables: {'; '.join(differ)}")
+    return config_from_dict(AxialConfig, dataclasses.asdict(read) | section, "axial")
+
+
 def convert_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
     """-> ({"pixels": {}, "axial": params}, {"family": "axial", "pixels": ..., "axial": ...})."""
     variables = model_variables(read_variables(args.weights), ema=not args.no_ema)
     shapes = {k: tuple(v.shape) for k, v in variables.items()}
     if args.config:
-        from jaxgen.config_util import load_config
-
-        section = {k: v for k, v in dict(load_config(args.config).axial).items() if k != "channels"}
-        if not section.get("num_heads"):
-            raise ValueError(f"--config {args.config}: its axial section has no num_heads")
-        config = infer_axial_config(shapes, num_heads=int(section.get("num_heads", 0)))
-        differ = [f"axial.{k}={section[k]} (the variables: {getattr(config, k)})" for k in _SIZES
-                  if k in section and section[k] != getattr(config, k)]  # fmt: skip
-        if differ:
-            raise ValueError(f"--config {args.config} is another model than the variables: {'; '.join(differ)}")
-        config = dataclasses.replace(config, **section)
+        config = config_from_spec(args.config, shapes, args.num_heads)
     elif args.num_heads > 0:
         config = infer_axial_config(shapes, num_heads=args.num_heads)
     else:
         raise ValueError("the number of heads cannot be read off the variables: pass --num-heads N or --config")
     print(f"read off the variables: {config}")
     params = convert_variables(variables, config)
-    meta = {"family": "axial", "pixels": {"channels": config.channels}, "axial": dataclasses.asdict(config)}
+    pixels = dataclasses.asdict(PixelConfig(channels=config.channels))
+    meta = {"family": "axial", "pixels": pixels, "axial": dataclasses.asdict(config)}
     return {"pixels": {}, "axial": params}, meta

@@ -1,13 +1,17 @@
 """The Axial Transformer's golden check: `python -m jaxgen.convert.verify --family axial FIXTURE.npz [--dump OUT]`.
 
-The fixture holds two models made with the official code at random weights: `gray` (the one-channel
+The fixture holds up to two models made with the official code at random weights: `gray` (the one-channel
 `Transformer2d`) and `rgb` (the channel-at-a-time `Transformer3d`); their sizes come from the JSON beside it
 (`gray_ctor`, `rgb_ctor`). Their `axial/...` variables go through the converter (`jaxgen.convert.axial`), then every
 reference output is recomputed: teacher-forcing logits, per-(sub)pixel NLL in nats, bits per dim, the samples for the
 fixture's Gumbel noise (the cached sampler), the teacher-forcing logits on them and each sampled value's margin, and
-the intermediate activations under the fixture's names. jaxgen's attention never forms the softmax weights (the
-kernel path is flash attention), so `<block>/attn_probs` is softmax(q k^T / sqrt(hd)) of jaxgen's own q and k with the
-block's mask.
+the intermediate activations under the fixture's names (rgb: one forward per channel k, `channel_logits`).
+
+Activations are produced for every block (its output, and its sub-steps from the LayerNorm to the MLP branch); the
+result keeps the names the fixture has, so a fixture that stores the sub-steps of other blocks is covered too.
+jaxgen's attention never forms the softmax weights (the kernel path is flash attention), so `<block>/attn_probs` is
+recomputed here: softmax(q k^T / sqrt(head_dim)) of jaxgen's own sown q and k, with the block's causal mask. It checks
+the scores and the mask; the attention output itself is checked by `<block>/attn_heads`.
 """
 
 from __future__ import annotations
@@ -27,65 +31,95 @@ _SUBSTEPS = ("layernorm_attn", "q", "k", "v", "attn_heads", "attn_branch", "resi
              "mlp_branch", "out")  # fmt: skip
 _TOP = ("emb", "outer_in", "u", "inner_in", "final_ln")
 _EXTERIOR = ("ext_input_planes", "ext_conv", "ext_in", "cond")
+KINDS = {"gray": "transformer2d/", "rgb": "ar_decoder/"}  # fixture model -> its variables' top-level scope
 
 
 def _build(variables: dict[str, np.ndarray], ctor: dict):
-    """(model, params) from the converted variables; the sizes read off them must be the JSON's constructor's."""
+    """(model, params) from the converted variables; the sizes read off them must be the JSON constructor's."""
     shapes = {k: tuple(v.shape) for k, v in variables.items()}
     config = infer_axial_config(shapes, num_heads=int(ctor["num_heads"]))
     want = dict(height=ctor["img_height"], width=ctor["img_width"], channels=ctor.get("img_channels", 1),
                 hidden_size=ctor["emb_dim"], mlp_factor=ctor["hdim_factor"], num_outer_layers=ctor["num_outer_layers"],
                 num_inner_layers=ctor["num_inner_layers"])  # fmt: skip
+    if "num_exterior_layers" in ctor and want["channels"] > 1:
+        want["num_exterior_layers"] = ctor["num_exterior_layers"]
     got = {k: getattr(config, k) for k in want}
     if got != want:
-        raise ValueError(f"the fixture's variables give {got}, its JSON says {want}")
+        raise ValueError(f"the fixture's variables give {got}, its JSON constructor says {want}")
+    if ctor.get("num_embs", 256) != 256:
+        raise ValueError(f"the fixture's model has num_embs {ctor['num_embs']}; jaxgen's is for 8-bit pixels (256)")
     return AxialTransformer(config), convert_variables(variables, config)
 
 
-def _probs(block_acts: dict, axis: str, causal: bool) -> np.ndarray:
-    """softmax(q k^T / sqrt(hd)) along the block's axis, `[B, H, W, heads, L]`, from its sown q and k."""
-    q, k = (np.asarray(block_acts[n][0], np.float64) for n in ("q", "k"))
+def attn_probs(q_bhwnd: np.ndarray, k_bhwnd: np.ndarray, axis: str, causal: bool) -> np.ndarray:
+    """softmax(q k^T / sqrt(hd)) along `axis` ("row": over W, "col": over H), `[B, H, W, heads, L]`, masked to key
+    index <= query index along the axis when `causal` (float64 inside)."""
+    q, k = np.asarray(q_bhwnd, np.float64), np.asarray(k_bhwnd, np.float64)
     spec = "bhwnd,bhvnd->bhwnv" if axis == "row" else "bhwnd,bgwnd->bhwng"
-    logits = np.einsum(spec, q, k) / np.sqrt(q.shape[-1])
+    scores = np.einsum(spec, q, k) / np.sqrt(q.shape[-1])
     if causal:
-        length = logits.shape[-1]
-        own = np.arange(q.shape[2 if axis == "row" else 1])
-        keep = np.arange(length)[None, :] <= own[:, None]  # [own position, key position]
+        length = scores.shape[-1]
+        keep = np.arange(length)[None, :] <= np.arange(length)[:, None]  # [query position, key position]
         keep = keep[None, None, :, None, :] if axis == "row" else keep[None, :, None, None, :]
-        logits = np.where(keep, logits, -np.inf)
-    return np.asarray(jax.nn.softmax(logits, axis=-1), np.float32)
+        scores = np.where(keep, scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    return (weights / weights.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _sown(acts: dict, name: str) -> np.ndarray:
-    """A sown activation; a LayerNorm's output is sown as `<its module name>_out`."""
-    return np.asarray((acts[name] if name in acts and isinstance(acts[name], tuple) else acts[f"{name}_out"])[0])
+    """A sown activation (the first call's); a LayerNorm's output is sown as `<its module name>_out`."""
+    value = acts.get(f"{name}_out", acts.get(name))
+    if not isinstance(value, tuple):
+        raise KeyError(f"jaxgen sowed no {name!r} here (has: {sorted(acts)})")
+    return np.asarray(value[0])
 
 
-def _block_acts(acts: dict, name: str, prefix: str, out: dict, substeps: bool) -> None:
+def _block_acts(acts: dict, name: str, axis: str, causal: bool, prefix: str, out: dict) -> None:
     block = acts[name]
-    for step in _SUBSTEPS if substeps else ("out",):
+    for step in _SUBSTEPS:
         out[f"{prefix}{name}/{step}"] = _sown(block, step)
-    if substeps:
-        axis = "row" if "_row_" in name else "col"
-        causal = name.startswith("inner") or name.startswith("outer_col")
-        out[f"{prefix}{name}/attn_probs"] = _probs(block, axis, causal)
+    out[f"{prefix}{name}/attn_probs"] = attn_probs(_sown(block, "q"), _sown(block, "k"), axis, causal)
 
 
-def _decoder_acts(acts2d: dict, model: AxialTransformer, prefix: str, out: dict, substeps: bool) -> None:
-    """transformer2d's activations (with `substeps`, those of the first block of each kind too: the fixture stores
-    them for the one-channel model, and for the conditioning stack's blocks of the three-channel one)."""
+def _pairs(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(num_layers // 2) for kind in ("row", "col")]
+
+
+def _intermediates(model: AxialTransformer):
+    """jitted (params, x `[B, H, W, C]`, channel `[B]`) -> the sown intermediates of `channel_logits`."""
+
+    def run(params, x_bhwc, channel_b):
+        labels = jnp.zeros((x_bhwc.shape[0],), jnp.int32)
+        _, state = model.apply({"params": params}, labels, x_bhwc, channel_b, method=AxialTransformer.channel_logits,
+                               mutable=["intermediates"])  # fmt: skip
+        return state["intermediates"]
+
+    return jax.jit(run)
+
+
+def _activations(model: AxialTransformer, acts: dict, prefix: str) -> dict[str, np.ndarray]:
+    """Every intermediate of one channel's forward (`_intermediates`), under the fixture's names."""
     c = model.config
+    acts2d, out = acts["transformer2d"], {}
     for name in _TOP:
         out[prefix + name] = _sown(acts2d, name)
-    outer = [f"outer_{kind}_{i}" for i in range(c.num_outer_layers // 2) for kind in ("row", "col")]
+    for name in _pairs("outer", c.num_outer_layers):  # unmasked rows, causal columns
+        _block_acts(acts2d, name, "row" if "_row_" in name else "col", "_col_" in name, prefix, out)
     inner = [f"inner_row_{i}" for i in range(c.num_inner_layers)]
-    for name in outer + inner:
-        first = name in ("outer_row_0", "outer_col_0", "inner_row_0")
-        _block_acts(acts2d, name, prefix, out, substeps=substeps and first)
+    for name in inner:
+        _block_acts(acts2d, name, "row", True, prefix, out)
     out[prefix + "inner_out"] = out[f"{prefix}{inner[-1]}/out"]
+    if c.channels > 1:
+        for name in _EXTERIOR:
+            out[prefix + name] = _sown(acts, name)
+        for name in _pairs("exterior", c.num_exterior_layers):  # all unmasked
+            _block_acts(acts, name, "row" if "_row_" in name else "col", False, prefix, out)
+    return out
 
 
-def _model_outputs(prefix: str, model, params, x_bhwc, noise_bhwck, squeeze: bool) -> dict[str, np.ndarray]:
+def _model_outputs(prefix: str, model, params, x_bhwc, noise_bhwck) -> dict[str, np.ndarray]:
+    """Teacher forcing, NLL, bits per dim, the samples for the noise, their logits and margins (`[B, H, W, C, ...]`)."""
     labels = np.zeros(x_bhwc.shape[0], np.int32)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, labels, x))
     logits = np.asarray(apply(params, x_bhwc))
@@ -97,40 +131,32 @@ def _model_outputs(prefix: str, model, params, x_bhwc, noise_bhwck, squeeze: boo
     margin = perturbed[..., -1] - perturbed[..., -2]
     out = {"logits": logits, "nll": np.asarray(nll), "bpd": np.asarray(bpd), "samples": samples,
            "sample_logits": sample_logits, "sample_margin": margin}  # fmt: skip
-    if squeeze:  # the one-channel fixture has no channel axis
-        out = {k: v if k == "bpd" else v[:, :, :, 0] for k, v in out.items()}
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
 def run_axial_fixture(fixture: Path, meta: dict) -> dict[str, np.ndarray]:
     """Every `out/` tensor of the fixture, recomputed by jaxgen, under the fixture's names (without `out/`)."""
     arrays = read_variables(fixture)
+    wanted = {k.removeprefix("out/") for k in arrays if k.startswith("out/")}
     out: dict[str, np.ndarray] = {}
-    for kind, scope in (("gray", "transformer2d/"), ("rgb", "ar_decoder/")):
+    for kind, scope in KINDS.items():
+        if f"in/{kind}/x" not in arrays:
+            continue
         variables = model_variables({k: v for k, v in arrays.items() if k.startswith(scope)})
         model, params = _build(variables, meta[f"{kind}_ctor"])
-        x = arrays[f"in/{kind}/x"].astype(np.int32)
-        noise = arrays[f"in/{kind}/noise"].astype(np.float32)
-        if kind == "gray":
+        x = np.asarray(arrays[f"in/{kind}/x"], np.int32)
+        noise = np.asarray(arrays[f"in/{kind}/noise"], np.float32)
+        gray = x.ndim == 3  # the one-channel fixture has no channel axis: [B, H, W] and [B, H, W, 256]
+        if gray:
             x, noise = x[..., None], noise[..., None, :]
-        out.update(_model_outputs(f"{kind}/", model, params, x, noise, squeeze=kind == "gray"))
-        labels = np.zeros(x.shape[0], np.int32)
+        outputs = _model_outputs(f"{kind}/", model, params, x, noise)
+        if gray:
+            outputs = {k: v if k.endswith("/bpd") else v[:, :, :, 0] for k, v in outputs.items()}
+        out.update(outputs)
+        intermediates = _intermediates(model)
         for k in range(model.config.channels):
-            channel = jnp.full((x.shape[0],), k, jnp.int32)
-            _, state = model.apply({"params": params}, labels, x, channel, method=AxialTransformer.channel_logits,
-                                   mutable=["intermediates"])  # fmt: skip
-            acts = state["intermediates"]
-            prefix = f"{kind}/act/" if kind == "gray" else f"{kind}/act/c{k}/"
-            _decoder_acts(acts["transformer2d"], model, prefix, out, substeps=model.config.channels == 1)
-            if model.config.channels > 1:
-                for name in _EXTERIOR:
-                    out[prefix + name] = np.asarray(acts[name][0])
-                ext = [
-                    f"exterior_{t}_{i}" for i in range(model.config.num_exterior_layers // 2) for t in ("row", "col")
-                ]
-                for name in ext:
-                    _block_acts(acts, name, prefix, out, substeps=name in ("exterior_row_0", "exterior_col_0"))
-        if kind == "gray":
-            pos = model.apply({"params": params}, method=AxialTransformer.pos2d)
-            out["gray/act/pos_embs"] = np.asarray(pos)
-    return out
+            acts = intermediates(params, x, jnp.full((x.shape[0],), k, jnp.int32))
+            out.update(_activations(model, acts, f"{kind}/act/" if gray else f"{kind}/act/c{k}/"))
+        out[f"{kind}/act/pos_embs"] = np.asarray(model.apply({"params": params}, method=AxialTransformer.pos2d))
+    # The fixture stores the sub-steps of a few blocks only: keep its names (a missing one still fails verify).
+    return {k: v for k, v in out.items() if k in wanted} if wanted else out

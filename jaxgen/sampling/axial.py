@@ -157,7 +157,7 @@ class AxialSampler(ClassConditionalSampler):
         if tokenizer.config.channels != model.config.channels:
             raise ValueError(
                 f"the pixel tokenizer has {tokenizer.config.channels} channel(s) but the axial model "
-                f"{model.config.channels}: set vae.channels / axial.channels to the same value"
+                f"{model.config.channels}: set pixels.channels / axial.channels to the same value"
             )
         super().__init__(sample_axial, model, tokenizer, settings or AxialSampling(), model.config.num_classes)
         self._noise_fn = jax.jit(lambda p, labels, noise: sample_pixels(model, p, labels, fixed_noise(noise),
