@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgen.families.base import ConvertHook, Family, config_from_dict, derive, plain_section
 from jaxgen.models.generators.axial import AxialConfig, AxialTransformer, bits_per_dim
 from jaxgen.models.tokenizers.pixels import PixelConfig, PixelTokenizer
 from jaxgen.sampling.axial import AxialSampler, AxialSampling
-
-LN2 = float(np.log(2.0))
 
 
 def build(pixels_section, axial_section):

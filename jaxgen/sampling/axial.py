@@ -105,7 +105,12 @@ def sample_pixels(
             row0 = (jnp.zeros((b, w), jnp.int32), jnp.zeros((b, d), jnp.float32), inner_cache)
             row, _, _ = jax.lax.fori_loop(0, w, col_body, row0)
             img = _set_row(img, row, r, k)
-            u_next, outer_cache = apply(AxialTransformer.outer_row, row, cond_row, r, outer_cache)
+            # the outer decoder on the finished row is the next row's context: none is needed after the last row
+            u_next, outer_cache = jax.lax.cond(
+                r < h - 1,
+                lambda: apply(AxialTransformer.outer_row, row, cond_row, r, outer_cache),
+                lambda: (u_row, outer_cache),
+            )
             return img, outer_cache, u_next
 
         outer_cache = _zeros_cache(c.num_outer_layers // 2, b * w, c.num_heads, h, c.head_dim, dt)

@@ -391,7 +391,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         gen_params = task.export(state)
         _export(stage_dir, {family.tokenizer_key: tok_params, family.generator_key: gen_params}, family, sections)
         if family.held_out is not None:
-            held = _held_out_eval(family, plain_tok, generator, gen_params, config)
+            held = _held_out_eval(family, plain_tok, tok_params, generator, gen_params, config)
             writer.write(int(state.step), held, stage=f"{stage.name}_eval")
             report.setdefault(stage.name, {}).update(held)
         if scored:
@@ -404,12 +404,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     return _finish(report, workdir, writer, t_start)
 
 
-def _held_out_eval(family: Family, tokenizer, generator, gen_params, config, batch_size: int = 64) -> dict:
+def _held_out_eval(family: Family, tokenizer, tok_params, generator, gen_params, config, batch_size: int = 64) -> dict:
     """`family.held_out`'s per-example metrics over the whole held-out split (`data.eval_split`), averaged:
     {"held_out_<metric>": mean, "held_out_images": n}. The images become ids with the tokenizer (in batches)."""
     t0 = time.perf_counter()
     arrays = data_lib.load_eval_arrays(config.data, config.data.eval_split)
-    encode = encode_fn(tokenizer, {})
+    encode = encode_fn(tokenizer, tok_params)
     metric_fn = jax.jit(family.held_out(tokenizer, generator))
     params = to_host(gen_params)
     sums: dict[str, float] = {}
