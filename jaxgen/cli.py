@@ -143,6 +143,48 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{flag_error_text(e)} (see --helpshort)", EXIT_USAGE)
 
 
+# ---- several processes and the compile cache: flags both binaries take ----------------------------------------------
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 for a manual multi-process launch (TPU pods and SLURM: "
+    "auto-detected); the same on every process"
+)  # fmt: skip
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (manual launch)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (manual launch)")
+_BIND = flags.DEFINE_string(
+    "coordinator_bind_address", None, "IP:PORT process 0's coordinator listens on (default: all interfaces)"
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_s", 300, "seconds each process waits for all the others to join before it fails"
+)
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "seconds after which the others give up on a process that stopped answering"
+)
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", None, "persistent XLA compilation cache directory (local or gs://), 'off' to disable; default "
+    "$JAXGEN_COMPILE_CACHE, else ~/.cache/jaxgen/xla"
+)  # fmt: skip
+
+
+def start_processes() -> None:
+    """What both binaries do before anything touches a device: turn on the compile cache (--compile_cache) and,
+    for a run of several processes, start `jax.distributed` (flags, else the launcher's environment)."""
+    from jaxgen.parallel import distributed
+
+    cache = _COMPILE_CACHE.value if _COMPILE_CACHE.value is not None else distributed.default_compile_cache_dir()
+    used = distributed.enable_compile_cache(cache)
+    settings = distributed.DistributedSettings(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        coordinator_bind_address=_BIND.value,
+        initialization_timeout_s=_INIT_TIMEOUT.value,
+        heartbeat_timeout_s=_HEARTBEAT.value,
+    )
+    distributed.initialize_distributed(settings)
+    logging.info("compile cache: %s", used or "off")
+
+
 def check_writable_dir(path: str | Path, flag: str = "--workdir") -> Path:
     """Check, before any work, that `path` is (or can be created as) a writable directory, creating nothing: the
     directory, or its nearest existing ancestor, must be a directory in which a probe file can be created and

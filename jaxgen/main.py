@@ -9,6 +9,10 @@ notebook can call the same way.
 A user error (read-only workdir, missing config section, damaged checkpoint, workdir of another model, ...) ends in
 one `error: ...` line on stderr and exit status 1; `--verbosity=1` also logs its traceback. SIGTERM / SIGINT during
 training save a checkpoint at the next step boundary and exit with status 143 / 130 and a line saying how to resume.
+
+Several processes (docs/multi_process.md) run the same command: on a TPU pod or under SLURM `jax.distributed` finds
+its settings itself; elsewhere add `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. Compiled
+programs are kept in a persistent cache (`--compile_cache`, default ~/.cache/jaxgen/xla; `off` disables it).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def run(config, workdir: str, source: str) -> dict:
 
     check_sections(config, source)
     cli.check_writable_dir(workdir)
+    cli.start_processes()
     return cli.run_user_command(train_and_evaluate, config, workdir, user_errors=(TrainingError,))
 
 

@@ -347,12 +347,13 @@ def sample_npz(
 
 def run(config, workdir: str) -> dict:
     cli.check_writable_dir(workdir)
+    cli.start_processes()
     return sample_grid(config, workdir)
 
 
 def run_samples(config, workdir: str, num_samples: int, chunk_size: int, batch_size: int) -> dict:
     cli.check_writable_dir(workdir)
-    mesh_lib.initialize_distributed()  # before anything touches a device; a no-op on one process
+    cli.start_processes()  # before anything touches a device; jax.distributed only with several processes
     check_chunking(num_samples, chunk_size, batch_size, jax.local_device_count())  # before the models are built
     return sample_npz(config, workdir, num_samples, chunk_size, batch_size)
 

@@ -18,6 +18,7 @@ from jaxgen.config_util import load_config
 from jaxgen.families import example_image, family_of, param_shapes
 from jaxgen.models.registry import init_params
 from jaxgen.models.tokenizers.convnets import conv
+from jaxgen.parallel import distributed
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel.logical import keep_logical_boxes, logical
 from jaxgen.parallel.partition import (
@@ -102,22 +103,22 @@ def test_initialize_distributed_is_a_no_op_on_one_process(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "MEGASCALE_COORDINATOR_ADDRESS",
                 "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
-    assert not mesh_lib.multi_process_env()
-    assert mesh_lib.initialize_distributed() is False
-    assert mesh_lib.initialize_distributed(num_processes=1) is False
+    assert not distributed.multi_process_env()
+    assert distributed.initialize_distributed() is False
+    assert distributed.initialize_distributed(distributed.DistributedSettings(num_processes=1)) is False
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
     for k, v in slurm.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert not mesh_lib.multi_process_env()
+    assert not distributed.multi_process_env()
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert mesh_lib.multi_process_env()  # initialize_distributed() would now start jax.distributed
+    assert distributed.multi_process_env()  # initialize_distributed() would now start jax.distributed
     for k in (*slurm, "SLURM_NTASKS"):
         monkeypatch.delenv(k)
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0")
-    assert not mesh_lib.multi_process_env()
+    assert not distributed.multi_process_env()
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
-    assert mesh_lib.multi_process_env()
+    assert distributed.multi_process_env()
 
 
 # ---- annotations ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,24 @@ def _checked(ds, source, num_classes: int | None):
     return ds.filter(keep_record).map(check)
 
 
+class _HostRows(grain.MapDataset):
+    """Host `host`'s rows of every global batch of `global_batch` consecutive elements of `parent`: element i is
+    parent[(i // b) * global_batch + host * b + i % b], b = global_batch / hosts."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, hosts: int, host: int):
+        super().__init__(parent)
+        self._global, self._local, self._host = global_batch, global_batch // hosts, host
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._host * self._local + row]
+
+
 def make_train_iterator(
     data_cfg: Mapping | DataConfig,
     *,
@@ -43,9 +61,11 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Infinite, shuffled, per-host batches of the train split (or `split`), as a checkpointable grain iterator.
 
-    Each of the `jax.process_count()` hosts reads its own contiguous 1/count of the examples, shuffled with
-    `seed` (a new order every epoch), flipped left-right with probability 1/2 if `data.random_flip`, batched with
-    drop_remainder to b = global_batch_size / process_count. Yields numpy dicts
+    One global order for any number of hosts: the examples shuffled with `seed` (a new order every epoch), flipped
+    left-right with probability 1/2 if `data.random_flip`, cut into global batches of `global_batch_size`; each of
+    the `jax.process_count()` hosts reads only its own b = global_batch_size / process_count rows of every global
+    batch (host h: rows h*b ... (h+1)*b - 1), so a run on N hosts sees the same global batches as one host. Yields
+    numpy dicts
     `{"image": float32 [b, H, W, 3] in [-1, 1], "label": int32 [b]}` (tokens source:
     `{"tokens": int32 [b, L], "label": int32 [b]}`). Unreadable images are skipped (`skipped_images()`).
     `it.get_state()` / `it.set_state(state)` (a JSON-able dict) resume it exactly. A label outside the source's
@@ -63,17 +83,16 @@ def make_train_iterator(
         )
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
-    batch_size, per_host = global_batch_size // hosts, len(source) // hosts
-    if batch_size > per_host:
+    batch_size = global_batch_size // hosts
+    if global_batch_size > len(source):
         raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the dataset: {source.description} gives "
-            f"{per_host} examples to each of {hosts} host(s), fewer than the per-host batch of {batch_size}."
+            f"global_batch_size={global_batch_size} is larger than the dataset: {source.description} has "
+            f"{len(source)} examples."
         )
-    ds = grain.MapDataset.source(source)[host * per_host : (host + 1) * per_host]
-    ds = ds.seed(int(seed)).shuffle().repeat()
+    ds = grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat()
     if cfg.random_flip:
-        ds = ds.random_map(transforms.random_flip)
-    it = ds.to_iter_dataset()
+        ds = ds.random_map(transforms.random_flip)  # before the host split: a flip belongs to the global position
+    it = _HostRows(ds, global_batch_size, hosts, host).to_iter_dataset()
     if cfg.worker_count:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
             flags.FLAGS.mark_as_parsed()

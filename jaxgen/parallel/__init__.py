@@ -1,7 +1,8 @@
-"""Sharding: the device mesh (`mesh`), logical axis rules as data (`rules`), abstract trees -> shardings
-(`partition`)."""
+"""Sharding: several processes (`distributed`), the device mesh (`mesh`), logical axis rules as data (`rules`),
+abstract trees -> shardings (`partition`)."""
 
-from jaxgen.parallel.mesh import MESH_AXES, create_mesh, initialize_distributed, mesh_shape
+from jaxgen.parallel.distributed import initialize_distributed
+from jaxgen.parallel.mesh import MESH_AXES, create_mesh, mesh_shape
 from jaxgen.parallel.partition import (
     abstract_boxed,
     abstract_boxed_params,

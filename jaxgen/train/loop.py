@@ -15,6 +15,7 @@ metrics.jsonl + TensorBoard, Orbax checkpoints that resume exactly, and a clean 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,8 +33,8 @@ from jax.sharding import PartitionSpec as P
 from jaxgen import data as data_lib
 from jaxgen.eval.grids import save_grid
 from jaxgen.families import Family, family_models, model_sections
+from jaxgen.parallel import distributed, partition
 from jaxgen.parallel import mesh as mesh_lib
-from jaxgen.parallel import partition
 from jaxgen.parallel.rules import rules_from_config
 from jaxgen.pretrained import load_pretrained, save_pretrained
 from jaxgen.train import checkpoint as ckpt_lib
@@ -97,11 +98,72 @@ def _claim_stage_dir(stage_dir: Path, fingerprint: dict) -> None:
                 f"overwritten. Use a new --workdir, or the config that wrote it (see {path})."
             )
         return
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fingerprint, indent=1))
+    if jax.process_index() == 0:  # the others see it after the barrier in `train_and_evaluate`
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fingerprint, indent=1))
 
 
 # ---- one stage ---------------------------------------------------------------------------------------------------
+
+
+_BATCH_NDIM = {"image": 4, "tokens": 2, "label": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """A stage's train step and the shardings of what it reads, built without data or devices' memory: what
+    `train_stage` runs and what `jaxgen.aot` lowers for a TPU topology. Everything is on `mesh`."""
+
+    init_state: Callable[[Any], Any]  # key data -> the initial TrainState (jit it with `partition.init_sharded`)
+    key_data: Any  # the stage's PRNG key data (uint32 [2])
+    abstract_state: Any  # the TrainState as ShapeDtypeStructs with their shardings
+    state_shardings: Any  # NamedSharding per TrainState leaf
+    batch_shardings: dict  # {task.batch_key: ..., "label": ...}: batch-sharded, rest replicated
+    frozen_shardings: Any  # the frozen params' shardings (replicated); None when the task has none
+    step: Callable  # the pure (state, batch, frozen) -> (state, metrics)
+
+    def jit_step(self):
+        """The jitted step: the state sharded as `abstract_state` (donated), the batch over the batch axes."""
+        return jax.jit(
+            self.step,
+            in_shardings=(self.state_shardings, self.batch_shardings, self.frozen_shardings),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+
+
+def plan_stage(task: Task, tc: Any, *, mesh, rules, seed: int) -> StagePlan:
+    """`task`'s train step under the train section `tc` (optimizer, schedule, EMA, accumulation) on `mesh`."""
+    tx = task.optimizer(tc)
+
+    def init_state(key_data):
+        key = jax.random.wrap_key_data(key_data)
+        params, model_state = task.init(key)
+        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)), model_state)
+
+    key_data = jax.random.key_data(jax.random.key(seed))
+    boxed = partition.abstract_boxed(init_state, key_data)
+    shardings = partition.tree_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), partition.strip_boxes(boxed), shardings
+    )
+    replicated = NamedSharding(mesh, P())
+    step = make_train_step(
+        task.loss_fn,
+        tx,
+        ema_decay=float(tc.ema_decay),
+        accum_steps=int(tc.accum_steps),
+        schedule=learning_rate_schedule(tc),
+    )
+    return StagePlan(
+        init_state=init_state,
+        key_data=key_data,
+        abstract_state=abstract,
+        state_shardings=shardings,
+        batch_shardings={k: partition.batch_sharding(mesh, rules, _BATCH_NDIM[k]) for k in (task.batch_key, "label")},
+        frozen_shardings=jax.tree.map(lambda _: replicated, task.frozen),
+        step=step,
+    )
 
 
 def train_stage(
@@ -120,51 +182,25 @@ def train_stage(
     state (params, EMA params, ...). Each `(every, fn)` of `callbacks` runs `fn(task.export(state), step)` at the
     steps that are multiples of `every` (0: none) and at the last step, on every process (grids, evals)."""
     data_iter = data_lib.make_train_iterator(data_cfg, global_batch_size=int(tc.batch_size), seed=seed)
-    tx = task.optimizer(tc)
-    schedule = learning_rate_schedule(tc)
-
-    def init_state(key_data):
-        key = jax.random.wrap_key_data(key_data)
-        params, model_state = task.init(key)
-        return create_state(params, tx, jax.random.key_data(jax.random.fold_in(key, 1)), model_state)
-
-    key_data = jax.random.key_data(jax.random.key(seed))
-    abstract = partition.abstract_boxed(init_state, key_data)
-    shardings = partition.tree_shardings(abstract, mesh, rules)
+    plan = plan_stage(task, tc, mesh=mesh, rules=rules, seed=seed)
     mngr = ckpt_lib.make_manager(stage_dir / "checkpoints", keep=int(tc.keep_checkpoints), best_metric="loss")
     if mngr.latest_step() is not None:
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            partition.strip_boxes(abstract),
-            shardings,
-        )
-        state = ckpt_lib.restore_train_state(mngr, target, data_iter)
+        state = ckpt_lib.restore_train_state(mngr, plan.abstract_state, data_iter)
         logging.info("[%s] resumed from step %d (%s)", task.name, int(state.step), stage_dir / "checkpoints")
     else:
-        state = partition.init_sharded(init_state, mesh, rules, key_data)
-    logging.info("[%s] parameters:\n%s", task.name, parameter_overview(state.params, shardings.params))
+        state = partition.init_sharded(plan.init_state, mesh, rules, plan.key_data)
+    logging.info("[%s] parameters:\n%s", task.name, parameter_overview(state.params, plan.state_shardings.params))
 
     start = int(jax.device_get(state.step))
     if start >= tc.steps:
         logging.info("[%s] already trained (%d/%d steps)", task.name, start, tc.steps)
         mngr.close()
         return state
-    step_fn = make_train_step(
-        task.loss_fn, tx, ema_decay=float(tc.ema_decay), accum_steps=int(tc.accum_steps), schedule=schedule
-    )
-    replicated = NamedSharding(mesh, P())
-    frozen = jax.device_put(task.frozen, replicated) if task.frozen is not None else None
-    batch_ndim = {"image": 4, "tokens": 2, "label": 1}
-    batch_shardings = {k: partition.batch_sharding(mesh, rules, batch_ndim[k]) for k in (task.batch_key, "label")}
-    frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
+    frozen = jax.device_put(task.frozen, plan.frozen_shardings) if task.frozen is not None else None
+    batch_shardings = plan.batch_shardings
 
     with partition.activation_rules(mesh, rules), preemption.stop_on_signals() as stop:
-        step_fn = jax.jit(
-            step_fn,
-            in_shardings=(shardings, batch_shardings, frozen_shardings),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
+        step_fn = plan.jit_step()
         progress = Progress(task.name, start, int(tc.steps))
         pending: list[dict] = []
         last_good = mngr.latest_step()
@@ -205,15 +241,39 @@ def train_stage(
                 raise preemption.Preempted(task.name, step, int(tc.steps), stop.signum, mngr.directory / str(step))
             due = [fn for every, fn in callbacks if (every and step % every == 0) or step == tc.steps]
             if due:
-                exported = task.export(state)
-                for fn in due:
-                    fn(exported, step)
+                exported = _callback_params(task.export(state))
+                with _on_local_devices(mesh, rules):
+                    for fn in due:
+                        fn(exported, step)
         progress.close()
     mngr.close()
     return state
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def _save_grid(*args, **kwargs) -> None:
+    """`save_grid` on process 0 only (every process computes the same images)."""
+    if jax.process_index() == 0:
+        save_grid(*args, **kwargs)
+
+
+def _callback_params(params: Any) -> Any:
+    """The params grids and evals read: as they are on one process; with several, gathered to host arrays, so
+    each process samples on its own devices (`_on_local_devices`), all of them alike."""
+    return to_host(params) if jax.process_count() > 1 else params
+
+
+@contextlib.contextmanager
+def _on_local_devices(mesh, rules):
+    """With several processes: the grids and evals run under a mesh of this process's devices (no collective
+    with the other hosts; every process gets the same numbers, process 0 writes them). One process: `mesh`."""
+    if jax.process_count() == 1:
+        yield
+        return
+    with partition.activation_rules(mesh_lib.create_mesh({"data": -1}, jax.local_devices()), rules):
+        yield
 
 
 def _class_grid_labels(config, num_classes: int) -> np.ndarray:
@@ -243,7 +303,7 @@ def _tokenizer_sample_fn(tokenizer, config, stage_dir: Path) -> Callable[[Any, i
     def sample(params, step):
         rec = np.asarray(jax.device_get(recon(params, images)))
         pairs = np.stack([images, rec], axis=1).reshape(-1, *images.shape[1:])
-        save_grid(
+        _save_grid(
             (pairs + 1) / 2,
             stage_dir / "samples" / f"recon_{step:06d}.png",
             nrow=8,
@@ -290,7 +350,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Run the config's stages under `workdir`; returns (and writes to workdir/report.json) the final report."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
-    mesh_lib.initialize_distributed()
+    distributed.initialize_distributed()  # a no-op when the binary has started it (or on one process)
+    distributed.check_same_run({"config": config.to_json(), "workdir": str(workdir.absolute())})
     check_config(config)
     family, sections = model_sections(config)
     inference_tok, generator = family_models(family, sections)
@@ -305,6 +366,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     fingerprints = {s: _fingerprint(config, family, sections, s) for s in config.stages}
     for stage in config.stages:
         _claim_stage_dir(workdir / stage, fingerprints[stage])
+    distributed.barrier("jaxgen: the stage directories are claimed")
     mesh = mesh_lib.create_mesh(dict(config.parallel.mesh))
     rules = rules_from_config(config.parallel.rules)
     writer = MetricsWriter(workdir)
@@ -364,7 +426,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
         def sample_grid(params, step, sampler=sampler, stage_dir=stage_dir):
             images = _generate(sampler, params, tok_params, grid_labels, jax.random.key(int(config.seed) + step))
-            save_grid(
+            _save_grid(
                 images,
                 stage_dir / "samples" / f"samples_{step:06d}.png",
                 nrow=int(config.grid.per_class),
@@ -397,7 +459,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         if scored:
             last = i == len(stages) - 1
             report.setdefault(stage.name, {}).update(_generator_eval(
-                config, sampler, gen_params, tok_params, grid_labels, workdir, real, stage_dir if not last else workdir
+                config, sampler, _callback_params(gen_params), tok_params, grid_labels, workdir, real,
+                stage_dir if not last else workdir,
             ))  # fmt: skip
         if i < len(stages) - 1:  # the next stage starts from these
             gen_params = to_host(gen_params)
@@ -592,7 +655,7 @@ def _generator_eval(
                          fids["fid_inception"], fids["fid_inception_real_floor"], n, n,
                          time.perf_counter() - t0)  # fmt: skip
     n = int(config.grid.per_class)
-    save_grid(
+    _save_grid(
         images[: len(grid_labels)],
         (grid_dir or workdir) / "final_samples.png",
         nrow=n,
