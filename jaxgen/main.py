@@ -56,7 +56,8 @@ def run(config, workdir: str, source: str) -> dict:
     from jaxgen.train.loop import TrainingError, train_and_evaluate
 
     check_sections(config, source)
-    cli.check_writable_dir(workdir)
+    if "://" not in workdir:  # a bucket (gs://...): Orbax reports what it cannot write
+        cli.check_writable_dir(workdir)
     cli.start_processes()
     return cli.run_user_command(train_and_evaluate, config, workdir, user_errors=(TrainingError,))
 

@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jaxgen.paths import as_path
+
 
 def save_pretrained(directory: str | Path, params: dict[str, Any], config: dict[str, Any]) -> Path:
     """Write `params` (a pytree, e.g. {'vae': ..., 'var': ...}) and the JSON-able `config` under `directory`.
@@ -24,7 +26,7 @@ def save_pretrained(directory: str | Path, params: dict[str, Any], config: dict[
     Call it from every process: params may be jax Arrays sharded over a multi-host mesh, which Orbax writes
     shard by shard from the hosts that hold them (no host gathers the whole tree); config.json is written by
     process 0 once the params are complete."""
-    directory = Path(directory).absolute()
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=True)
@@ -46,7 +48,7 @@ def _last_stage_export(workdir: Path, first: Path) -> Path:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (params/ + config.json), or a training workdir: the export of its last trained
     generator stage."""
-    path = Path(path).expanduser().absolute()
+    path = as_path(path)
     if (path / "config.json").is_file():
         return path
     export = path / "generator" / "export"

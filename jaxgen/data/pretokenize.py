@@ -140,6 +140,7 @@ def write_token_shards(
     batch_size: int = 64,
     shard_size: int = 8192,
     metadata: Mapping | None = None,
+    per_host: bool = False,
 ) -> str | os.PathLike:
     """Encodes every image of `split` once (in order, no flip) into the token directory `out_dir`; returns it.
 
@@ -150,7 +151,7 @@ def write_token_shards(
     `token_shards_match` checks; `metadata` (JSON-able, e.g. the checkpoint step) is merged into meta.json. An
     earlier token directory at `out_dir` is replaced. Every process runs `encode_fn` on every batch (a sharded
     encoder needs them all); only process 0 writes, then all meet at a barrier, so `out_dir` must be on a filesystem
-    that every host sees.
+    that every host sees. `per_host`: every process writes its own `out_dir` (a local disk), with no barrier.
     """
     cfg = parse_config(data_cfg)
     key = token_shards_key(cfg, split=split, tokenizer=tokenizer)
@@ -163,7 +164,7 @@ def write_token_shards(
     source = load_source(cfg, split)
     if isinstance(source, TokenSource):
         raise ValueError(f"write_token_shards needs an image source, got data.source={cfg.source.describe()}.")
-    writer = jax.process_index() == 0
+    writer = per_host or jax.process_index() == 0
     out_dir_str = os.path.abspath(os.fspath(out_dir))
     tmp = None
     if writer:
@@ -225,6 +226,8 @@ def write_token_shards(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    if per_host:
+        return out_dir
     sync_hosts(f"jaxgen.data.write_token_shards:{out_dir_str}")
     if not writer and not os.path.isfile(os.path.join(out_dir_str, "meta.json")):
         raise FileNotFoundError(
@@ -247,10 +250,17 @@ def ensure_token_shards(
     (True, "tokens in /w/tokens were written from data.source=digits [train] at 16 px, now ... at 32 px").
 
     Process 0's look at `out_dir` decides for every process (`broadcast_one_to_all`), so hosts never disagree
-    about whether to write (which would leave some waiting at the barrier). `kwargs` go to `write_token_shards`.
+    about whether to write (which would leave some waiting at the barrier). With `per_host` (each host's own
+    `out_dir`) each host decides for itself and all meet at one barrier at the end. `kwargs` go to
+    `write_token_shards`.
     """
     key = token_shards_key(data_cfg, split=split, tokenizer=tokenizer)
     fresh, why = token_shards_match(out_dir, key)
+    if kwargs.get("per_host"):
+        if not fresh:
+            write_token_shards(encode_fn, data_cfg, out_dir, split=split, tokenizer=tokenizer, **kwargs)
+        sync_hosts(f"jaxgen.data.ensure_token_shards:{os.fspath(out_dir)}")
+        return not fresh, why
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

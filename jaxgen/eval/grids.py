@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jaxgen.paths import as_path
+
 
 def image_grid(images_nhwc: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     """`[N, H, W, 3]` floats in [0, 1] -> one uint8 image `[rows*(H+pad)+pad, nrow*(W+pad)+pad, 3]`, row-major."""
@@ -37,7 +39,8 @@ def save_grid(
         for r, text in enumerate(row_labels):
             draw.text((4, int(r * row_h + row_h / 2 - 5)), text, fill="black")
         grid = canvas
-    path = Path(path)
+    path = as_path(path)  # local or a bucket (gs://...)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with path.open("wb") as f:
+        grid.save(f, format="PNG")
     return path

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxgen.paths import as_path
+
 # ---- Training checkpoints: one Orbax CheckpointManager per stage -------------------------------------------------
 
 
@@ -25,7 +27,7 @@ def make_manager(directory: str | Path, *, keep: int, best_metric: str | None = 
         create=True,
         enable_async_checkpointing=True,  # Orbax's default; stated because `save_train_state` relies on it
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(as_path(directory), options=options)
 
 
 class DamagedCheckpointError(ValueError):
@@ -81,7 +83,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: Any, data_i
 
 def damaged_checkpoint_error(mngr: ocp.CheckpointManager, step: int, cause: BaseException) -> DamagedCheckpointError:
     """The error for an unreadable step: which directory, why (one line), and what to do."""
-    directory = Path(mngr.directory) / str(step)
+    directory = as_path(mngr.directory) / str(step)
     while cause.__cause__ is not None:  # Orbax wraps TensorStore's error, which says what is wrong with the file
         cause = cause.__cause__
     reason = " ".join(str(cause).split())

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from jaxgen.families import Family, family_models, model_sections
 from jaxgen.parallel import distributed, partition
 from jaxgen.parallel import mesh as mesh_lib
 from jaxgen.parallel.rules import rules_from_config
+from jaxgen.paths import as_path, host_cache_dir, is_url
 from jaxgen.pretrained import load_pretrained, save_pretrained
 from jaxgen.train import checkpoint as ckpt_lib
 from jaxgen.train import preemption
@@ -339,7 +341,7 @@ def _export(stage_dir: Path, params: dict, family: Family, sections: dict) -> No
 def _load_tokenizer(config, family: Family) -> Any:
     """The tokenizer params of `config.tokenizer_checkpoint` (a converted checkpoint, a tokenizer export or a run's
     workdir) as host arrays; `check_config` has checked the family, the section and every shape already."""
-    path = Path(config.tokenizer_checkpoint).expanduser()
+    path = as_path(config.tokenizer_checkpoint)
     if (path / "tokenizer" / "export").is_dir():
         path = path / "tokenizer" / "export"
     _, loaded = load_pretrained(path, family=family.name)
@@ -349,9 +351,9 @@ def _load_tokenizer(config, family: Family) -> Any:
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Run the config's stages under `workdir`; returns (and writes to workdir/report.json) the final report."""
     t_start = time.perf_counter()
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # local, or a bucket (gs://...) that Orbax and epath write to
     distributed.initialize_distributed()  # a no-op when the binary has started it (or on one process)
-    distributed.check_same_run({"config": config.to_json(), "workdir": str(workdir.absolute())})
+    distributed.check_same_run({"config": config.to_json(), "workdir": os.fspath(workdir)})
     check_config(config)
     family, sections = model_sections(config)
     inference_tok, generator = family_models(family, sections)
@@ -403,7 +405,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         return _finish(report, workdir, writer, t_start)
 
     # -- pretokenize (again whenever the data or the tokenizer changed), then the generator's stages
-    tokens_dir = workdir / "tokens"
+    # Token shards are memory-mapped, so a bucket workdir's live on each host's disk, each host writing its own.
+    per_host = is_url(workdir)
+    tokens_dir = host_cache_dir("tokens", os.fspath(workdir)) if per_host else workdir / "tokens"
     tokenizer_id = {
         "family": family.name,
         family.tokenizer_key: sections[family.tokenizer_key],
@@ -411,7 +415,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     }
     written, why = data_lib.ensure_token_shards(
         encode_fn(inference_tok, tok_params), config.data, tokens_dir, split=config.data.train_split,
-        tokenizer=tokenizer_id,
+        tokenizer=tokenizer_id, per_host=per_host,
     )  # fmt: skip
     logging.info("%s token shards in %s: %s", "wrote" if written else "reusing", tokens_dir, why)
     token_data = data_lib.with_source(config.data, kind="tokens", path=str(tokens_dir))

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxgen.paths import as_path
 from jaxgen.train.errors import TrainingError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -41,7 +42,7 @@ class Preempted(TrainingError):
     a scheduler sees the same status as if the default handler had run."""
 
     def __init__(self, stage: str, step: int, total_steps: int, signum: int, checkpoint: Path | str):
-        self.stage, self.step, self.signum, self.checkpoint = stage, step, signum, Path(checkpoint)
+        self.stage, self.step, self.signum, self.checkpoint = stage, step, signum, as_path(checkpoint)
         self.exit_code = 128 + int(signum)
         super().__init__(
             f"[{stage}] stopped at step {step}/{total_steps} by {signal.Signals(signum).name}; checkpoint saved to "

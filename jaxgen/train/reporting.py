@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import jax
 import numpy as np
 from absl import logging
 from flax import traverse_util
+
+from jaxgen.paths import as_path, host_cache_dir, is_url
 
 
 def parameter_overview(params: Any, shardings: Any = None, max_rows: int = 40) -> str:
@@ -39,25 +42,39 @@ def _fmt_time(seconds: float) -> str:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to `workdir/metrics.jsonl` and the same scalars to TensorBoard event
-    files under `workdir/tensorboard/` (tensorboardX: no TensorFlow needed). Only process 0 writes."""
+    files under `workdir/tensorboard/` (tensorboardX: no TensorFlow needed). Only process 0 writes. A bucket
+    workdir (gs://...) gets metrics.jsonl rewritten whole at each write and TensorBoard events in a local cache dir."""
 
     def __init__(self, workdir: str | Path):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            workdir = Path(workdir)
+            workdir = as_path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._path, self._lines = workdir / "metrics.jsonl", None
+            if is_url(workdir):  # object stores cannot append: keep the lines, rewrite the file on each write
+                self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+                self._jsonl = None
+                tensorboard = host_cache_dir("tensorboard", os.fspath(workdir))
+                logging.info("TensorBoard events of %s are written to %s (this host)", workdir, tensorboard)
+            else:
+                self._jsonl = open(self._path, "a")
+                tensorboard = workdir / "tensorboard"
+            self._tb = SummaryWriter(os.fspath(tensorboard))
 
     def write(self, step: int, metrics: dict[str, Any], stage: str = "") -> None:
         """One line `{"step": ..., "stage": ..., name: value, ...}`; TensorBoard tags are `stage/name`."""
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-        self._jsonl.write(json.dumps({"step": int(step), "stage": stage, **scalars}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": int(step), "stage": stage, **scalars}) + "\n"
+        if self._jsonl is None:
+            self._lines.append(line)
+            self._path.write_text("".join(self._lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         for k, v in scalars.items():
             if math.isfinite(v):
                 self._tb.add_scalar(f"{stage}/{k}" if stage else k, v, step)
@@ -65,7 +82,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
 
