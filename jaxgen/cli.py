@@ -128,6 +128,8 @@ def flag_error_text(e: BaseException) -> str:
         text = f"{head.strip().rstrip(':')}: {last}"
     elif isinstance(e, KeyError):  # ml_collections: "'train_tokenizr'\nDid you mean ...?"
         text = f"--config has no field {text}"
+    elif re.fullmatch(r"'.*\\nDid you mean.*'", text, re.S):  # a nested field: the KeyError's repr, quoted
+        text = "--config has no field " + text[1:-1].replace("\\'", "'").replace("\\n", " ")
     return one_line(text)
 
 

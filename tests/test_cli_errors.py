@@ -137,6 +137,11 @@ def test_misspelled_override_is_one_line_with_the_suggestion():
         "error: --config has no field 'train_tokenizr' Did you mean \"train_tokenizer\" instead of "
         '"train_tokenizr"? (see --helpshort)'
     )
+    rc, err = _main(SMOKE, "--workdir=/tmp/unused", "--config.var.depthh=3")  # a nested field
+    assert rc == 2
+    assert _error_line(err) == (
+        'error: --config has no field \'depthh\' Did you mean "depth" instead of "depthh"? (see --helpshort)'
+    )
 
 
 def test_workdir_inside_a_file(tmp_path):
