@@ -173,15 +173,16 @@ def start_processes() -> None:
     for a run of several processes, start `jax.distributed` (flags, else the launcher's environment)."""
     from jaxgen.parallel import distributed
 
-    cache = _COMPILE_CACHE.value if _COMPILE_CACHE.value is not None else distributed.default_compile_cache_dir()
+    value = lambda holder: holder.value if flags.FLAGS.is_parsed() else holder.default  # called from Python too
+    cache = value(_COMPILE_CACHE) if value(_COMPILE_CACHE) is not None else distributed.default_compile_cache_dir()
     used = distributed.enable_compile_cache(cache)
     settings = distributed.DistributedSettings(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-        coordinator_bind_address=_BIND.value,
-        initialization_timeout_s=_INIT_TIMEOUT.value,
-        heartbeat_timeout_s=_HEARTBEAT.value,
+        coordinator_address=value(_COORDINATOR),
+        num_processes=value(_NUM_PROCESSES),
+        process_id=value(_PROCESS_ID),
+        coordinator_bind_address=value(_BIND),
+        initialization_timeout_s=value(_INIT_TIMEOUT),
+        heartbeat_timeout_s=value(_HEARTBEAT),
     )
     distributed.initialize_distributed(settings)
     logging.info("compile cache: %s", used or "off")

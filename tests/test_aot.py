@@ -81,7 +81,8 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 def _one_error_line(err: str) -> str:
     """stderr is one `error:` line besides jaxgen's progress log lines: no traceback, no libtpu start-up noise."""
     assert "Traceback" not in err, err[-3000:]
-    lines = [x for x in err.splitlines() if x.strip() and not re.match(r"[IW]\d{4} .* aot\.py:\d+\] ", x)]
+    log_line = re.compile(r"[IW]\d{4} .* (__init__|__main__)\.py:\d+\] ")  # jaxgen.aot's own progress lines
+    lines = [x for x in err.splitlines() if x.strip() and not log_line.match(x)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     return lines[0]
 
