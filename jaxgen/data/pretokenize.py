@@ -23,6 +23,7 @@ from jaxgen.data import pipeline
 from jaxgen.data.config import DataConfig, parse_config
 from jaxgen.data.loading import load_source
 from jaxgen.data.tokens import FORMAT, RESERVED_KEYS, TokenSource, read_token_metadata
+from jaxgen.parallel.distributed import barrier as sync_hosts  # a no-op on one process
 
 
 def params_fingerprint(tree) -> str:
@@ -107,14 +108,6 @@ def token_shards_match(tokens_dir: str | os.PathLike, key: Mapping) -> tuple[boo
     shown = ", ".join(f"{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     return False, f"tokens in {tokens_dir} were written by another tokenizer ({shown}{more})"
-
-
-def sync_hosts(name: str) -> None:
-    """A barrier over all processes (`multihost_utils.sync_global_devices(name)`); a no-op on one process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
