@@ -31,6 +31,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.vq = dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     cfg.gpt = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        scan_layers=False,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         num_classes=10,
         dim=128,
         n_layer=4,

@@ -38,6 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.vq = dict(codebook_size=256, embedding_dim=16, filters=32, channel_multipliers=(1, 2, 2), num_res_blocks=1)
     cfg.maskgit = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        scan_layers=False,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         num_classes=10,
         num_tokens=16,
         hidden_size=128,

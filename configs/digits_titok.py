@@ -50,6 +50,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     cfg.gpt = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        scan_layers=False,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         num_classes=10,
         dim=128,
         n_layer=4,

@@ -65,6 +65,8 @@ def get_config(arg: str = "B") -> ml_collections.ConfigDict:
     )
     cfg.gpt = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        scan_layers=True,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         vocab_size=16384,
         num_classes=1000,
         dim=dim,

@@ -49,6 +49,8 @@ def get_config(arg: str = "256") -> ml_collections.ConfigDict:
     )
     cfg.maskgit = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md (training with attention dropout: "xla")
+        scan_layers=True,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         codebook_size=1024,
         num_classes=1000,
         num_tokens=(image_size // 16) ** 2,

@@ -71,6 +71,8 @@ def get_config(arg: str = "d16") -> ml_collections.ConfigDict:
     )
     cfg.var = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        scan_layers=True,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         depth=depth,
         embed_dim=64 * depth,
         num_heads=depth,

@@ -29,6 +29,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     cfg.var = dict(
         attn_backend="xla",  # "xla" | "cudnn" | "pallas": docs/attention.md
+        scan_layers=False,  # True: the blocks as one scanned layer, compiled once whatever the depth (docs/speed.md)
+        remat="none",  # what backward keeps per block: "none" | "full" | "dots" | "dots_no_batch"
         depth=4,
         embed_dim=256,
         num_heads=4,

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jaxgen.models.layer_stack import match_layout
 from jaxgen.paths import as_path
 
 
@@ -117,6 +118,7 @@ def load_pretrained(
             f"again) or restore it from a backup"
         ) from e
     if expected is not None:
+        params = match_layout(params, expected)  # unrolled blocks_0.. <-> scanned blocks, as the config runs them
         try:
             check_tree_shapes(params, expected, f"checkpoint {directory}")
         except ValueError as e:

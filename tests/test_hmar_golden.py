@@ -15,10 +15,12 @@ from tests.helpers import HMAR_FIXTURE_A
 needs_fixture = pytest.mark.needs_fixture(HMAR_FIXTURE_A)  # skipped if absent; in CI (.ci/run) a failure
 
 
+# scan_layers=True: the same fixture through the scanned generator (converted params stacked)
 @needs_fixture
-def test_fixture_a_matches_official_outputs(tmp_path, capsys):
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["unrolled", "scanned"])
+def test_fixture_a_matches_official_outputs(tmp_path, capsys, scan):
     dump = tmp_path / "ours.npz"
-    rc = verify.main(["--family", "hmar", str(HMAR_FIXTURE_A), "--dump", str(dump)])
+    rc = verify.main(["--family", "hmar", str(HMAR_FIXTURE_A), "--dump", str(dump)] + ["--scan-layers"] * scan)
     report = json.loads(capsys.readouterr().out)
     bad = {k: v for k, v in report["outputs"].items() if not v["ok"]}
     assert rc == 0 and report["ok"], bad

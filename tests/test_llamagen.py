@@ -27,10 +27,12 @@ FIXTURE_A = LLAMAGEN / "llamagen_fixture_A.npz"
 needs_fixture = pytest.mark.needs_fixture(FIXTURE_A)  # skipped if absent; in CI (.ci/run) a failure
 
 
+# scan_layers=True: the same fixture through the scanned generator (converted params stacked)
 @needs_fixture
-def test_fixture_a_matches_official_outputs(tmp_path, capsys):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_fixture_a_matches_official_outputs(tmp_path, capsys, scan):
     dump = tmp_path / "ours.npz"
-    rc = verify.main(["--family", "llamagen", str(FIXTURE_A), "--dump", str(dump)])
+    rc = verify.main(["--family", "llamagen", str(FIXTURE_A), "--dump", str(dump)] + ["--scan-layers"] * scan)
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"], {k: v for k, v in report["outputs"].items() if not v["ok"]}
     with np.load(FIXTURE_A) as ref, np.load(dump) as ours:

@@ -28,6 +28,7 @@ from jaxgen.convert.maskgit import (
     transformer_param_shapes,
 )
 from jaxgen.models.generators.masked import MaskedConfig, MaskedTransformer
+from jaxgen.models.layer_stack import unrolled
 from jaxgen.models.tokenizers.maskgit_vq import MaskGITVQ, MaskGITVQConfig
 from tests.helpers import SHARED
 
@@ -265,7 +266,8 @@ def test_the_release_config_gives_the_released_trees(size):
     tok_cfg, tf_cfg = _configs_from_file(f"{REPO / 'configs/maskgit_imagenet.py'}:{size}")
     assert tokenizer_param_shapes(tok_cfg) == _jaxgen_names(released_tree(f"tokenizer_imagenet{size}")[1])
     tf_tree = {k.removeprefix("params/"): s for k, s in released_tree(f"transformer_imagenet{size}")[1].items()}
-    assert transformer_param_shapes(tf_cfg) == tf_tree
+    assert tf_cfg.scan_layers  # the recipe scans its layers; the released tree is the unrolled layout
+    assert transformer_param_shapes(unrolled(tf_cfg)) == tf_tree
 
 
 def test_the_convert_binary_writes_a_checkpoint_that_decodes_as_upstream(tmp_path, files, fixture_a, capsys):

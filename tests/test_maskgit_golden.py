@@ -15,10 +15,12 @@ from tests.helpers import SHARED
 FIXTURE_A = SHARED / "fixtures" / "maskgit" / "maskgit_fixture_A.npz"
 
 
+# scan_layers=True: the same fixture through the scanned generator (converted params stacked)
 @pytest.mark.needs_fixture(FIXTURE_A)
-def test_verify_passes_and_dumps_every_output(tmp_path, capsys):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_verify_passes_and_dumps_every_output(tmp_path, capsys, scan):
     dump = tmp_path / "ours.npz"
-    rc = verify.main([str(FIXTURE_A), "--family", "maskgit", "--dump", str(dump)])
+    rc = verify.main([str(FIXTURE_A), "--family", "maskgit", "--dump", str(dump)] + ["--scan-layers"] * scan)
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"], {k: v for k, v in report["outputs"].items() if not v["ok"]}
     outputs = report["outputs"]

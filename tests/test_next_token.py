@@ -24,6 +24,7 @@ from jaxgen.models.generators.next_token import (
     NextTokenTransformer,
     init_cache,
 )
+from jaxgen.models.layer_stack import unrolled
 from jaxgen.models.layers import apply_rope, rope_1d_table, rope_2d_table, token_cross_entropy
 from tests.helpers import SHARED, random_params
 
@@ -138,7 +139,7 @@ def test_released_gpt_keys_map_onto_the_config(name):
     meta, shapes = _released_gpt(name)
     variant = name.removeprefix("GPT-")
     cfg = load_config(f"{CONFIG_FILE}:{variant}_256")
-    config = NextTokenConfig(**cfg.gpt.to_dict())
+    config = unrolled(NextTokenConfig(**cfg.gpt.to_dict()))  # the recipe scans its layers; checkpoints are unrolled
     assert (config.dim, config.n_layer, config.n_head) == RELEASED_GPT[name]
     assert RELEASED_GPT[name] == (meta["dim"], meta["n_layer"], meta["n_head"])
     assert (config.head_dim, config.ffn_hidden) == (meta["head_dim"], meta["ffn_hidden_dim"])

@@ -268,9 +268,11 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
 # ---- the step's algebra -----------------------------------------------------------------------------------------
 
 
-def _var_generator_setup(batch_size=16, seed=0, attn_backend="xla"):
+def _var_generator_setup(batch_size=16, seed=0, attn_backend="xla", scan_layers=False):
     cfg = _tiny_var()
     cfg.var.attn_backend = attn_backend
+    cfg.var.scan_layers = scan_layers
+    cfg.var.depth = 2 if scan_layers else cfg.var.depth
     family, tok, gen = build_models(cfg)
     task = generator_task(family, tok, gen)
     tok_params = tok.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -313,13 +315,14 @@ def test_gradient_accumulation_matches_one_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attn_backend", ["xla", "pallas"])
-def test_sharded_step_equals_single_device_step(attn_backend):
+@pytest.mark.parametrize("attn_backend,scan_layers", [("xla", False), ("pallas", False), ("xla", True)])
+def test_sharded_step_equals_single_device_step(attn_backend, scan_layers):
     """A data=2 x fsdp=2 x tensor=2 step on 8 CPU devices gives the loss and params of the single-device step.
     Tolerance: 1e-5 relative / 1e-6 absolute, for float32 sums split across devices in another order; params are
     checked to be sharded as the rules say (the fsdp rule splits 'embed' dims). With the Pallas attention (interpret
-    mode) the kernel runs per device under shard_map inside the sharded step."""
-    cfg, task, tok_params, batch = _var_generator_setup(attn_backend=attn_backend)
+    mode) the kernel runs per device under shard_map inside the sharded step. Scanned (2 blocks stacked), the
+    block params keep their leading 'layers' axis replicated and their other dims sharded as unrolled."""
+    cfg, task, tok_params, batch = _var_generator_setup(attn_backend=attn_backend, scan_layers=scan_layers)
     tc = cfg.train_generator
     tx, state = _init_state(task, tc)
     step = make_train_step(task.loss_fn, tx, ema_decay=0.9)
@@ -341,6 +344,9 @@ def test_sharded_step_equals_single_device_step(attn_backend):
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(new_state.params)}
     assert any("fsdp" in s for s in specs), specs
     assert any("tensor" in s for s in specs), specs
+    if scan_layers:
+        fc1 = new_state.params["blocks"]["ffn"]["fc1"]["kernel"]
+        assert fc1.shape[0] == 2 and tuple(fc1.sharding.spec) == (None, "fsdp", "tensor"), fc1.sharding.spec
     np.testing.assert_allclose(m["loss"], single_m["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

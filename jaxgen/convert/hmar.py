@@ -40,6 +40,7 @@ from jaxgen.convert.var import (
 )
 from jaxgen.models.generators.hmar import HMARConfig, HMARTransformer
 from jaxgen.models.generators.next_scale import level_ids
+from jaxgen.models.layer_stack import in_layout, unrolled
 from jaxgen.models.tokenizers.msvq import MSVQConfig
 
 HMAR_KEYMAP = KeyMap(
@@ -184,7 +185,7 @@ def plan_hmar(shapes: Mapping[str, tuple], config: HMARConfig):
     if _is_training_layout(shapes):
         raise _training_layout_error(shapes)
     return plan_conversion(
-        shapes, hmar_param_shapes(config), HMAR_KEYMAP, "HMAR state_dict", _hmar_hint(shapes, config)
+        shapes, hmar_param_shapes(unrolled(config)), HMAR_KEYMAP, "HMAR state_dict", _hmar_hint(shapes, config)
     )
 
 
@@ -212,7 +213,7 @@ def convert_hmar(state_dict: Mapping[str, np.ndarray], config: HMARConfig) -> di
         raise _training_layout_error(state_dict)
     steps = plan_hmar(_shapes(state_dict), config)
     check_hmar_buffers(state_dict, config)
-    return apply_plan(steps, state_dict)
+    return in_layout(apply_plan(steps, state_dict), config, hmar_param_shapes)
 
 
 def convert_pair(

@@ -9,6 +9,7 @@ run.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -43,9 +44,11 @@ def masked_rows(indices: np.ndarray, num_rows: int) -> jnp.ndarray:
     return jnp.asarray(masked)
 
 
-def run_hmar_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
-    """All of an HMAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
+def run_hmar_fixture(npz_path: Path, meta: dict, scan_layers: bool = False) -> dict[str, np.ndarray]:
+    """All of an HMAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts); with
+    `scan_layers` by the scanned transformer (the converted params stacked)."""
     vae_cfg, cfg = hmar_configs_from_fixture(meta)
+    cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
     vae, model = MultiScaleVQVAE(vae_cfg), HMARTransformer(cfg)
     params = convert_pair(load_state_dict(npz_path, "vae/"), load_state_dict(npz_path, "hmar/"), vae_cfg, cfg)
     vae_p, model_p = {"params": params["vae"]}, {"params": params["hmar"]}

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxgen.convert.common import ConversionError, KeyMap, apply_plan, load_state_dict, nchw, plan_conversion
 from jaxgen.models.generators.next_token import NextTokenConfig, NextTokenTransformer
+from jaxgen.models.layer_stack import in_layout, unrolled
 from jaxgen.models.layers import rope_2d_table, token_cross_entropy
 from jaxgen.models.tokenizers.vqgan import VQGAN, VQConfig
 from jaxgen.sampling.next_token import NextTokenSampler, NextTokenSampling
@@ -132,7 +133,7 @@ def _gpt_hint(shapes: Mapping[str, tuple], config: NextTokenConfig) -> str:
 def plan_gpt(shapes: Mapping[str, tuple], config: NextTokenConfig):
     """Check a GPT state_dict's keys and shapes against `config` (shapes only); return the plan."""
     return plan_conversion(
-        shapes, gpt_param_shapes(config), GPT_KEYMAP, "LlamaGen GPT state_dict", _gpt_hint(shapes, config)
+        shapes, gpt_param_shapes(unrolled(config)), GPT_KEYMAP, "LlamaGen GPT state_dict", _gpt_hint(shapes, config)
     )
 
 
@@ -150,7 +151,7 @@ def convert_gpt(state_dict: Mapping[str, np.ndarray], config: NextTokenConfig) -
                 f"(block_size {config.block_size}, head_dim {config.head_dim}, rope_base {config.rope_base}, "
                 f"rope_2d {config.rope_2d}): set block_size = (image_size // 16)**2 of the checkpoint"
             )
-    return apply_plan(steps, state_dict)
+    return in_layout(apply_plan(steps, state_dict), config, gpt_param_shapes)
 
 
 def check_vocab(gpt_config: NextTokenConfig, codebook_size: int) -> None:
@@ -268,9 +269,11 @@ def llamagen_configs_from_fixture(meta: dict) -> tuple[VQConfig, NextTokenConfig
     return vq_cfg, gpt_cfg
 
 
-def run_llamagen_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
-    """All of a LlamaGen fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
+def run_llamagen_fixture(npz_path: Path, meta: dict, scan_layers: bool = False) -> dict[str, np.ndarray]:
+    """All of a LlamaGen fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts); with
+    `scan_layers` by the scanned GPT (the converted params stacked)."""
     vq_cfg, gpt_cfg = llamagen_configs_from_fixture(meta)
+    gpt_cfg = dataclasses.replace(gpt_cfg, scan_layers=scan_layers)
     vq, gpt = VQGAN(vq_cfg), NextTokenTransformer(gpt_cfg)
     vq_params = convert_vq(load_state_dict(npz_path, "vq/"), vq_cfg)
     gpt_params = convert_gpt(load_state_dict(npz_path, "gpt/"), gpt_cfg)

@@ -23,6 +23,7 @@ from flax import serialization, traverse_util
 
 from jaxgen.convert.common import ConversionError, _report
 from jaxgen.models.generators.masked import MaskedConfig, MaskedTransformer
+from jaxgen.models.layer_stack import in_layout, unrolled
 from jaxgen.models.tokenizers.maskgit_vq import MaskGITVQ, MaskGITVQConfig
 
 UPSTREAM_CODEBOOK = "quantizer/codebook"
@@ -86,10 +87,15 @@ def tokenizer_param_shapes(config: MaskGITVQConfig) -> dict[str, tuple[int, ...]
     return _names(_flat(nn.unbox(tree)))
 
 
+def _nested_transformer_shapes(config: MaskedConfig):
+    """The nested param tree of `MaskedTransformer(config)` as shapes (`jax.eval_shape`, nothing allocated)."""
+    ids = jnp.zeros((1, config.seq_len), jnp.int32)
+    return nn.unbox(jax.eval_shape(MaskedTransformer(config).init, jax.random.key(0), ids)["params"])
+
+
 def transformer_param_shapes(config: MaskedConfig) -> dict[str, tuple[int, ...]]:
     """The flat param tree of `MaskedTransformer(config)` as shapes (`jax.eval_shape`, nothing allocated)."""
-    ids = jnp.zeros((1, config.seq_len), jnp.int32)
-    return _names(_flat(nn.unbox(jax.eval_shape(MaskedTransformer(config).init, jax.random.key(0), ids)["params"])))
+    return _names(_flat(_nested_transformer_shapes(config)))
 
 
 # ---- sizes from shapes ----------------------------------------------------------------------------------------------
@@ -201,7 +207,8 @@ def convert_transformer(flat: Mapping[str, np.ndarray], config: MaskedConfig) ->
         infer_transformer_config, codebook_size=config.codebook_size, class_dropout_prob=config.class_dropout_prob
     )
     hint = _hint(infer, flat, config, TRANSFORMER_SIZES)
-    return _convert(flat, transformer_param_shapes(config), "MaskGIT transformer checkpoint", hint)
+    params = _convert(flat, transformer_param_shapes(unrolled(config)), "MaskGIT transformer checkpoint", hint)
+    return in_layout(params, config, _nested_transformer_shapes)
 
 
 # ---- the CLI hook (`python -m jaxgen.convert maskgit ...`) ----------------------------------------------------

@@ -52,9 +52,11 @@ def _run_name(temperature: float) -> str:
     return f"t{temperature:g}"
 
 
-def run_maskgit_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
-    """All of a MaskGIT fixture's `out/` tensors, computed by jaxgen."""
+def run_maskgit_fixture(npz_path: Path, meta: dict, scan_layers: bool = False) -> dict[str, np.ndarray]:
+    """All of a MaskGIT fixture's `out/` tensors, computed by jaxgen; with `scan_layers` by the scanned transformer
+    (the converted params stacked)."""
     vq_cfg, tf_cfg = configs_from_fixture(meta)
+    tf_cfg = dataclasses.replace(tf_cfg, scan_layers=scan_layers)
     vq, model = MaskGITVQ(vq_cfg), MaskedTransformer(tf_cfg)
     vq_p = {"params": convert_tokenizer(load_state_dict(npz_path, "tokenizer/"), vq_cfg)}
     tf_p = {"params": convert_transformer(load_state_dict(npz_path, "transformer/"), tf_cfg)}

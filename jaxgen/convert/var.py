@@ -8,6 +8,7 @@ Buffers with no jaxgen parameter are accounted for and checked: `quantize.ema_vo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from jaxgen.convert.common import ConversionError, KeyMap, apply_plan, load_state_dict, nchw, plan_conversion
 from jaxgen.models.generators.next_scale import NextScaleConfig, NextScaleTransformer, level_ids
+from jaxgen.models.layer_stack import in_layout, unrolled
 from jaxgen.models.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 from jaxgen.sampling.next_scale import NextScaleSampler, NextScaleSampling
 
@@ -123,7 +125,8 @@ def _var_hint(shapes, config: NextScaleConfig) -> str:
 
 def plan_var(shapes: Mapping[str, tuple], config: NextScaleConfig):
     """Check a VAR state_dict's keys and shapes against `config` (shapes only); return the plan."""
-    return plan_conversion(shapes, var_param_shapes(config), VAR_KEYMAP, "VAR state_dict", _var_hint(shapes, config))
+    want = var_param_shapes(unrolled(config))  # checkpoints hold the unrolled layout
+    return plan_conversion(shapes, want, VAR_KEYMAP, "VAR state_dict", _var_hint(shapes, config))
 
 
 def plan_vqvae(shapes: Mapping[str, tuple], config: MSVQConfig):
@@ -135,7 +138,7 @@ def convert_var(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -
     """VAR state_dict (numpy, PyTorch names) -> jaxgen `params` of `NextScaleTransformer(config)`."""
     steps = plan_var({k: v.shape for k, v in state_dict.items()}, config)
     check_scale_buffers(state_dict, config)
-    return apply_plan(steps, state_dict)
+    return in_layout(apply_plan(steps, state_dict), config, var_param_shapes)
 
 
 def check_scale_buffers(state_dict: Mapping[str, np.ndarray], config: NextScaleConfig) -> None:
@@ -218,9 +221,11 @@ def run_vqvae_outputs(vae: MultiScaleVQVAE, vae_p: dict, img) -> tuple[dict[str,
     return out, idx
 
 
-def run_var_fixture(npz_path: Path, meta: dict) -> dict[str, np.ndarray]:
-    """All of a VAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts)."""
+def run_var_fixture(npz_path: Path, meta: dict, scan_layers: bool = False) -> dict[str, np.ndarray]:
+    """All of a VAR fixture's `out/` tensors, computed by jaxgen from its `in/` tensors (PyTorch layouts); with
+    `scan_layers` by the scanned transformer (the converted params stacked)."""
     vae_cfg, var_cfg = var_configs_from_fixture(meta)
+    var_cfg = dataclasses.replace(var_cfg, scan_layers=scan_layers)
     vae, var = MultiScaleVQVAE(vae_cfg), NextScaleTransformer(var_cfg)
     vae_p = {"params": convert_vqvae(load_state_dict(npz_path, "vae/"), vae_cfg)}
     var_p = {"params": convert_var(load_state_dict(npz_path, "var/"), var_cfg)}

@@ -1,16 +1,18 @@
 """Golden check: convert a reference fixture's weights, run its inputs through jaxgen, compare with its outputs.
 
-    python -m jaxgen.convert.verify --family var FIXTURE.npz [--dump OUT.npz]
+    python -m jaxgen.convert.verify --family var FIXTURE.npz [--dump OUT.npz] [--scan-layers]
 
 The model config comes from the `.json` beside the npz. Prints a JSON report (per output key: max abs diff, or exact
 match for integer outputs) and exits 0 only if every integer output matches exactly and every float output is within
-`--atol` * max(1, |reference|).
+`--atol` * max(1, |reference|). `--scan-layers` runs the generator as one scanned layer (`scan_layers=True`, the
+converted params stacked) for the families whose generator has the option.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -34,6 +36,11 @@ class GoldenCheck:
     run: Callable[[Path, dict], dict]  # (fixture npz, its json) -> jaxgen's outputs by name
     reference: Callable[[Path, dict], dict] = fixture_outputs  # ... -> the reference outputs by name
     per_array: bool = False  # tolerance relative to each array's largest value, not to each element
+
+    @property
+    def scans(self) -> bool:
+        """Whether `run` takes `scan_layers` (the family's generator can run as one scanned layer)."""
+        return "scan_layers" in inspect.signature(self.run).parameters
 
 
 # One per family with a golden hook, plus the evaluator (Inception + FID / IS / precision-recall).
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", required=True, choices=sorted(GOLDEN))
     parser.add_argument("--dump", type=Path, help="write jaxgen's outputs here as out/<name> (same shapes)")
     parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--scan-layers", action="store_true", help="run the generator with scan_layers=True")
     args = parser.parse_args(argv)
     meta_path = args.fixture.with_suffix(".json")
     if not args.fixture.is_file() or not meta_path.is_file():
@@ -90,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     meta = json.loads(meta_path.read_text())
     check = GOLDEN[args.family]
-    ours = check.run(args.fixture, meta)
+    if args.scan_layers and not check.scans:
+        parser.error(f"--scan-layers: family {args.family!r} has no scanned layout; the scanning ones: "
+                     f"{sorted(n for n, c in GOLDEN.items() if c.scans)}")  # fmt: skip
+    ours = check.run(args.fixture, meta, scan_layers=True) if args.scan_layers else check.run(args.fixture, meta)
     reference = check.reference(args.fixture, meta)
     ok, report = compare(ours, reference, args.atol, per_array=check.per_array)
     if args.dump:
@@ -100,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(args.dump, **dump)
     print(
         json.dumps(
-            {"fixture": str(args.fixture), "family": args.family, "ok": ok, "atol": args.atol, "outputs": report},
+            {
+                "fixture": str(args.fixture),
+                "family": args.family,
+                "scan_layers": args.scan_layers,
+                "ok": ok,
+                "atol": args.atol,
+                "outputs": report,
+            },
             indent=1,
         )
     )

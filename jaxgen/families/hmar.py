@@ -105,8 +105,8 @@ def mask_objective(vae, model: HMARTransformer):
 
 def _mask_source(name: str) -> str:
     """The stage-1 param a mask-branch param starts from (upstream fine-tunes the last blocks and the head)."""
-    if name.startswith("mask_blocks_"):
-        return "ns_blocks_" + name[len("mask_blocks_") :]
+    if name.startswith("mask_blocks"):  # mask_blocks_j (unrolled) or mask_blocks (scanned, stacked)
+        return "ns_blocks" + name[len("mask_blocks") :]
     return {"mask_head": "ns_head", "mask_head_nm": "ns_head_nm"}.get(name, name)
 
 

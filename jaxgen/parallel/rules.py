@@ -30,6 +30,7 @@ Logical names used by the models:
   conv_h, conv_w, conv_in                                                         -> replicated
   conv_out    conv output channels (kernels, biases; feature-map channels)        -> 'fsdp'
   height, width   feature-map spatial dimensions                                  -> replicated
+  layers      the stacked block axis of a scanned generator (`scan_layers`)      -> replicated
 
 `qkv -> 'tensor'` splits the packed projection in contiguous chunks that do not follow the q / k / v boundaries
 (the parameter layout is fixed by the checkpoints), so the partitioner reshuffles the heads after it; set
@@ -68,6 +69,7 @@ DEFAULT_RULES: Rules = (
     ("conv_out", "fsdp"),
     ("height", None),
     ("width", None),
+    ("layers", None),
 )
 
 

@@ -32,7 +32,7 @@ from jaxgen.parallel.logical import logical
 LOSS_WEIGHTINGS = ("lognorm", "equal", "mean")
 # the params stage 2 trains (the rest is shared with the next-scale branch and frozen); every other top-level name
 # belongs to stage 1
-MASK_BRANCH = ("mask_blocks_", "mask_head_nm", "mask_head", "mask_embed")
+MASK_BRANCH = ("mask_blocks", "mask_blocks_", "mask_head_nm", "mask_head", "mask_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,10 @@ class HMARTransformer(NextScaleTransformer):
     def setup(self):
         c = self.config
         self.setup_embeddings(word_embed_bias=False)
-        self.base_blocks = [self.make_block(i) for i in range(c.base_layers)]
-        self.ns_blocks = [self.make_block(c.base_layers + j) for j in range(c.mask_layers)]
-        self.mask_blocks = [self.make_block(c.base_layers + j) for j in range(c.mask_layers)]
+        if c.base_layers:
+            self.base_blocks = self.make_blocks(0, c.base_layers)
+        self.ns_blocks = self.make_blocks(c.base_layers, c.mask_layers)
+        self.mask_blocks = self.make_blocks(c.base_layers, c.mask_layers)
         self.ns_head_nm, self.ns_head = self.make_head()
         self.mask_head_nm, self.mask_head = self.make_head()
         init = logical(_trunc(self.init_std), ("classes", "embed"))
@@ -96,13 +97,17 @@ class HMARTransformer(NextScaleTransformer):
 
     def trunk(self, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None, train: bool = False):
         """The next-scale branch: base blocks, ns blocks, ns head."""
-        blocks = self.base_blocks + self.ns_blocks
-        return self.stack(blocks, self.ns_head_nm, self.ns_head, x_blc, cond_bd, mask_ll, caches, train)
+        segments = [*self.shared_segment(), (self.ns_blocks, self.config.base_layers, self.config.mask_layers)]
+        return self.stack(segments, self.ns_head_nm, self.ns_head, x_blc, cond_bd, mask_ll, caches, train)
 
     def mask_trunk(self, x_blc, cond_bd, mask_ll=None, train: bool = False) -> jax.Array:
         """The masked-prediction branch: base blocks, mask blocks, mask head -> logits `[B, l, V]`."""
-        blocks = self.base_blocks + self.mask_blocks
-        return self.stack(blocks, self.mask_head_nm, self.mask_head, x_blc, cond_bd, mask_ll, None, train)[0]
+        segments = [*self.shared_segment(), (self.mask_blocks, self.config.base_layers, self.config.mask_layers)]
+        return self.stack(segments, self.mask_head_nm, self.mask_head, x_blc, cond_bd, mask_ll, None, train)[0]
+
+    def shared_segment(self) -> list:
+        """The base blocks shared by both branches as a `stack` segment (none when mask_layers == depth)."""
+        return [(self.base_blocks, 0, self.config.base_layers)] if self.config.base_layers else []
 
     def with_own_tokens(self, x_blc: jax.Array, own_blcv: jax.Array, masked_bl: jax.Array) -> jax.Array:
         """Add the scale's own tokens to next-scale input tokens `[B, l, C]`: W own `[B, l, Cvae]`, or `mask_embed`

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxgen.models.attention import attention, attention_mask, check_backend
+from jaxgen.models.layer_stack import check_layer_stack, make_blocks, run_blocks
 from jaxgen.models.layers import layer_norm
 from jaxgen.parallel.logical import constrain, logical
 from jaxgen.sampling.mask_schedule import check_schedule
@@ -55,9 +56,14 @@ class MaskedConfig:
     initializer_range: float = 0.02  # truncated normal (+-2 sd) for kernels and tables
     dtype: str = "float32"  # compute dtype of the matmuls; params, LayerNorms, softmax and logits stay float32
     attn_backend: str = "xla"  # "xla" | "cudnn" | "pallas" (see jaxgen.models.attention)
+    # the layers as one scanned layer (compiled once, params `TransformerLayer` [num_layers, ...]) instead of an
+    # unrolled loop (`TransformerLayer_0..`); same outputs, checkpoints convert either way (`jaxgen.models.layer_stack`)
+    scan_layers: bool = False
+    remat: str = "none"  # what the backward pass keeps per layer: `jaxgen.models.layer_stack.REMAT_POLICIES`
 
     def __post_init__(self):
         check_backend(self.attn_backend, "MaskedConfig.attn_backend")
+        check_layer_stack(self.scan_layers, self.remat, "MaskedConfig")
         check_schedule(self.mask_schedule)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"MaskedConfig: label_smoothing={self.label_smoothing} must be in [0, 1)")
@@ -284,8 +290,10 @@ class MaskedTransformer(nn.Module):
         ids = jnp.asarray(ids_bl, jnp.int32)
         ids = jnp.where(ids < 0, c.mask_id, ids)
         x, word_table = Embed(c, name="Embed_0")(ids, train)
-        for i in range(c.num_layers):
-            x = TransformerLayer(c, name=f"TransformerLayer_{i}")(x, train)
+        name = lambda i: "TransformerLayer" if c.scan_layers else f"TransformerLayer_{i}"
+        layers = make_blocks(lambda i: TransformerLayer(c, name=name(i)), c.num_layers, c.scan_layers)
+        body = lambda layer, h, _: (layer(h, train), None)
+        x, _ = run_blocks(body, layers, x, length=c.num_layers, remat=c.remat)
         return MlmLayer(c, name="MlmLayer_0")(x, word_table)
 
     def example_ids(self, batch: int = 1) -> Any:

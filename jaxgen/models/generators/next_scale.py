@@ -27,10 +27,13 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxgen.models.attention import attention, attention_mask, check_backend, check_mask
+from jaxgen.models.layer_stack import check_layer_stack, make_blocks, per_layer_values, run_blocks
 from jaxgen.models.layers import dense, l2_normalize, layer_norm
 from jaxgen.parallel.logical import constrain, logical
 
-KVCache = list[tuple[jax.Array, jax.Array]]  # per block: (k, v), each [B, H, L_so_far, head_dim]
+# Per stack of blocks (VAR: one; HMAR: shared + branch): per block (k, v), each [B, H, L_so_far, head_dim], a list
+# unrolled, or with `scan_layers` one (k, v) stacked [n, B, H, L_so_far, head_dim].
+KVCache = tuple[Any, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +61,15 @@ class NextScaleConfig:
     # coarser ones, KV-cached sampling) or "scale_block_diagonal" (HMAR's Markov mask: its own scale only, each scale
     # sampled in its own forward pass)
     attn_mask: str = "scale_causal"
+    # the blocks as one scanned layer (compiled once, params `blocks` [depth, ...]) instead of an unrolled loop
+    # (params `blocks_0..`); same outputs, checkpoints convert either way (`jaxgen.models.layer_stack`)
+    scan_layers: bool = False
+    remat: str = "none"  # what the backward pass keeps per block: `jaxgen.models.layer_stack.REMAT_POLICIES`
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
         check_backend(self.attn_backend, "NextScaleConfig.attn_backend")
+        check_layer_stack(self.scan_layers, self.remat, type(self).__name__)
         check_mask(self.attn_mask, ("scale_causal", "scale_block_diagonal"), "NextScaleConfig.attn_mask")
         if self.embed_dim % self.num_heads:
             raise ValueError(
@@ -169,9 +177,10 @@ class FFN(nn.Module):
         )
 
 
-def _drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drop the whole residual branch per sample with probability `rate` (training only)."""
-    if rng is None or rate <= 0.0:
+def _drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate` (training only; a
+    traced rate in a scanned stack)."""
+    if rng is None or (isinstance(rate, float) and rate <= 0.0):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0.0)
@@ -196,8 +205,10 @@ class AdaLNSelfAttn(nn.Module):
     attn_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x_blc, cond, mask_ll=None, cache=None, train: bool = False):
+    def __call__(self, x_blc, cond, mask_ll=None, cache=None, train: bool = False, drop_path=None):
+        """`drop_path` overrides the attribute (a scanned stack passes each block's rate)."""
         c = self.embed_dim
+        drop_path = self.drop_path if drop_path is None else drop_path
         x_blc = constrain(x_blc, ("batch", "length", "embed"))
         if self.shared_aln:  # cond: [B, 6, C] from the shared projection
             gss = self.param("ada_gss", logical(nn.initializers.normal(c**-0.5), (None, "embed")), (6, c)) + cond
@@ -207,7 +218,7 @@ class AdaLNSelfAttn(nn.Module):
             gss = gss.reshape(-1, 6, c)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (gss[:, None, i] for i in range(6))  # [B, 1, C]
         ln = layer_norm(self.norm_eps, affine=False)
-        rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
+        rng = self.make_rng("dropout") if train and not (isinstance(drop_path, float) and drop_path <= 0) else None
         rngs = jax.random.split(rng) if rng is not None else (None, None)
         attn_out, kv = SelfAttention(
             c,
@@ -219,11 +230,11 @@ class AdaLNSelfAttn(nn.Module):
             attn_backend=self.attn_backend,
             name="attn",
         )((ln(x_blc) * (1 + scale1) + shift1).astype(self.dtype), mask_ll, cache)
-        x_blc = x_blc + _drop_path(attn_out * gamma1, self.drop_path, rngs[0])
+        x_blc = x_blc + _drop_path(attn_out * gamma1, drop_path, rngs[0])
         ffn_out = FFN(round(c * self.mlp_ratio), self.init_std, self.out_std, dtype=self.dtype, name="ffn")(
             (ln(x_blc) * (1 + scale2) + shift2).astype(self.dtype)
         )
-        x_blc = x_blc + _drop_path(ffn_out * gamma2, self.drop_path, rngs[1])
+        x_blc = x_blc + _drop_path(ffn_out * gamma2, drop_path, rngs[1])
         return constrain(x_blc, ("batch", "length", "embed")), kv
 
 
@@ -248,7 +259,7 @@ class NextScaleTransformer(nn.Module):
 
     def setup(self):
         self.setup_embeddings()
-        self.blocks = [self.make_block(i) for i in range(self.config.depth)]
+        self.blocks = self.make_blocks(0, self.config.depth)
         self.head_nm, self.head = self.make_head()
 
     # ---- building blocks of the layout (HMAR's `HMARTransformer` builds its own layout from the same pieces) -----
@@ -289,6 +300,11 @@ class NextScaleTransformer(nn.Module):
             attn_backend=c.attn_backend,
         )
 
+    def make_blocks(self, first: int, n: int) -> list[AdaLNSelfAttn] | AdaLNSelfAttn:
+        """Blocks `first .. first + n - 1` of the depth: a list, or with `scan_layers` one block that `stack` scans
+        (`jaxgen.models.layer_stack`)."""
+        return make_blocks(lambda i: self.make_block(first + i), n, self.config.scan_layers)
+
     def make_head(self) -> tuple[AdaLNBeforeHead, nn.Module]:
         """The AdaLN before the head and the head (width -> vocabulary logits)."""
         c = self.config
@@ -325,22 +341,39 @@ class NextScaleTransformer(nn.Module):
             labels_b = jnp.where(drop, c.num_classes, labels_b)
         return labels_b
 
-    def stack(self, blocks, head_nm, head, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None,
+    def stack(self, segments, head_nm, head, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None,
               train: bool = False):  # fmt: skip
-        """`blocks` then `head(head_nm(.))`: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, per-block (k, v))."""
+        """`segments` (`(blocks, first depth index, n)` each, from `make_blocks`) one after the other, then
+        `head(head_nm(.))`: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, the new KVCache: one entry per
+        segment)."""
+        c = self.config
         cond = cond_bd
-        if self.config.shared_aln:
-            cond = self.shared_ada_lin(nn.silu(cond_bd)).reshape(-1, 6, self.config.embed_dim)
+        if c.shared_aln:
+            cond = self.shared_ada_lin(nn.silu(cond_bd)).reshape(-1, 6, c.embed_dim)
+        rates = np.linspace(0, c.drop_path_rate, c.depth)
+        use_rates = train and c.drop_path_rate > 0
+
+        def body(block, x, xs):
+            cache, rate = xs
+            return block(x, cond, mask_ll, cache, train, rate)
+
         new_caches = []
-        for i, block in enumerate(blocks):
-            x_blc, kv = block(x_blc, cond, mask_ll, None if caches is None else caches[i], train)
+        for k, (blocks, first, n) in enumerate(segments):
+            cache = None if caches is None else caches[k]
+            rate = per_layer_values(rates[first : first + n], c.scan_layers) if use_rates else None
+            if not c.scan_layers:  # per block: (cache, rate)
+                per_layer = [(None if cache is None else cache[i], None if rate is None else rate[i]) for i in range(n)]
+            else:
+                per_layer = (cache, rate)
+            x_blc, kv = run_blocks(body, blocks, x_blc, per_layer, length=n, remat=c.remat)
             new_caches.append(kv)
         logits = constrain(head(head_nm(x_blc, cond_bd)), ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32), new_caches
+        return logits.astype(jnp.float32), tuple(new_caches)
 
     def trunk(self, x_blc, cond_bd, mask_ll=None, caches: KVCache | None = None, train: bool = False):
         """The blocks and the head: tokens `[B, l, C]` -> (logits `[B, l, V]` float32, per-block (k, v))."""
-        return self.stack(self.blocks, self.head_nm, self.head, x_blc, cond_bd, mask_ll, caches, train)
+        segments = [(self.blocks, 0, self.config.depth)]
+        return self.stack(segments, self.head_nm, self.head, x_blc, cond_bd, mask_ll, caches, train)
 
     def decode_scale(self, x_blc: jax.Array, cond_bd: jax.Array, caches: KVCache | None):
         """One sampling step: this scale's tokens attend to `caches` (the coarser scales' keys; None with the Markov

@@ -31,12 +31,14 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxgen.models.attention import attention, attention_mask, check_backend, check_mask
+from jaxgen.models.layer_stack import check_layer_stack, make_blocks, run_blocks
 from jaxgen.models.layers import RMSNorm, apply_rope, dense, rope_1d_table, rope_2d_table
 from jaxgen.parallel.logical import constrain, logical
 
 # Per layer (k, v), each [B, kv_heads, max_len, head_dim] in the compute dtype; slot p holds sequence position p.
-# Head-major, so a decode step reads each head's keys contiguously (no per-step transpose of the cache).
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+# Head-major, so a decode step reads each head's keys contiguously (no per-step transpose of the cache). With
+# `scan_layers` one (k, v) stacked over the layers instead, each [n_layer, B, kv_heads, max_len, head_dim].
+KVCache = tuple[tuple[jax.Array, jax.Array], ...] | tuple[jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +66,14 @@ class NextTokenConfig:
     # which positions a position sees in teacher forcing (`jaxgen.models.attention.attention_mask`): "causal"
     # (next-token prediction; what the KV-cached sampler needs) or "full" (a bidirectional model)
     attn_mask: str = "causal"
+    # the layers as one scanned layer (compiled once, params `layers` [n_layer, ...]) instead of an unrolled loop
+    # (params `layers_0..`); same outputs, checkpoints convert either way (`jaxgen.models.layer_stack`)
+    scan_layers: bool = False
+    remat: str = "none"  # what the backward pass keeps per layer: `jaxgen.models.layer_stack.REMAT_POLICIES`
 
     def __post_init__(self):
         check_backend(self.attn_backend, "NextTokenConfig.attn_backend")
+        check_layer_stack(self.scan_layers, self.remat, "NextTokenConfig")
         check_mask(self.attn_mask, ("causal", "full"), "NextTokenConfig.attn_mask")
         if self.dim % self.n_head:
             raise ValueError(f"NextTokenConfig: dim {self.dim} is not divisible by n_head {self.n_head}")
@@ -143,13 +150,21 @@ class NextTokenConfig:
 
 
 def init_cache(config: NextTokenConfig, batch: int, max_len: int | None = None) -> KVCache:
-    """Zeros: per layer (k, v), each `[batch, kv_heads, max_len, head_dim]` in the compute dtype.
+    """Zeros: per layer (k, v), each `[batch, kv_heads, max_len, head_dim]` in the compute dtype (with
+    `scan_layers`, one (k, v) of `[n_layer, batch, kv_heads, max_len, head_dim]`).
 
     `max_len` defaults to `config.seq_len` (a whole generation). A plain function: no params needed."""
     max_len = config.seq_len if max_len is None else max_len
     shape = (batch, config.kv_heads, max_len, config.head_dim)
     dtype = jnp.dtype(config.dtype)
+    if config.scan_layers:
+        return jnp.zeros((config.n_layer, *shape), dtype), jnp.zeros((config.n_layer, *shape), dtype)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+
+
+def cache_slots(config: NextTokenConfig, cache: KVCache) -> int:
+    """The max_len of a cache from `init_cache`."""
+    return cache[0].shape[3] if config.scan_layers else cache[0][0].shape[2]
 
 
 def _dense(features: int, dtype, names: tuple[str, str], name: str | None = None) -> nn.Dense:
@@ -242,7 +257,7 @@ class NextTokenTransformer(nn.Module):
         # last row of cls_embedding: the null class
         self.cls_embedding = nn.Embed(c.class_rows, c.dim, embedding_init=logical(emb_init, ("classes", "embed")))
         self.tok_embeddings = nn.Embed(c.vocab_size, c.dim, embedding_init=logical(emb_init, ("vocab", "embed")))
-        self.layers = [TransformerBlock(c) for _ in range(c.n_layer)]
+        self.layers = make_blocks(lambda i: TransformerBlock(c), c.n_layer, c.scan_layers)
         self.norm = RMSNorm(c.norm_eps)
         # Upstream zero-initialises the output layer.
         out_init = logical(nn.initializers.zeros, ("embed", "vocab"))
@@ -254,18 +269,25 @@ class NextTokenTransformer(nn.Module):
 
     def _trunk(self, x_bld, rope_lp2, mask, cache: KVCache | None = None, start=None, backend: str | None = None):
         """The layers and the head; `backend` (None: `config.attn_backend`) picks the attention kernel."""
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x_bld, kv = layer(x_bld, rope_lp2, mask, None if cache is None else cache[i], start, backend)
-            new_cache.append(kv)
-        return self._head(x_bld), (tuple(new_cache) if cache is not None else None)
+        c = self.config
+        body = lambda layer, x, layer_cache: layer(x, rope_lp2, mask, layer_cache, start, backend)
+        x_bld, new_cache = run_blocks(body, self.layers, x_bld, cache, length=c.n_layer, remat=c.remat)
+        if cache is None:
+            return self._head(x_bld), None
+        return self._head(x_bld), (new_cache if c.scan_layers else tuple(new_cache))
 
     def _check_cache(self, cache: KVCache, batch: int) -> None:
         c = self.config
-        if len(cache) != c.n_layer:
-            raise ValueError(f"cache has {len(cache)} layers, the model {c.n_layer}; build it with init_cache(config)")
+        if c.scan_layers:
+            layers, got = (cache[0].shape[0], cache[0].shape[1:]) if len(cache) == 2 and cache[0].ndim == 5 else (0, ())
+        else:
+            layers, got = len(cache), cache[0][0].shape
+        if layers != c.n_layer:
+            raise ValueError(
+                f"cache has {layers} layers, the model {c.n_layer} (scan_layers={c.scan_layers}); build it with "
+                f"init_cache(config)"
+            )
         want = (batch, c.kv_heads, c.head_dim)
-        got = cache[0][0].shape
         if len(got) != 4 or (got[0], got[1], got[3]) != want:
             raise ValueError(
                 f"cache entries are {tuple(got)}, expected [B={batch}, {c.kv_heads}, max_len, {c.head_dim}] "
@@ -310,7 +332,7 @@ class NextTokenTransformer(nn.Module):
         c = self.config
         self._check_cache(cache, labels_b.shape[0])
         x = self.cls_embedding(labels_b)[:, None]  # [B, 1, C]
-        slots = cache[0][0].shape[2]
+        slots = cache_slots(c, cache)
         mask = np.arange(slots)[None, :] < c.cls_token_num  # [1, S]
         rope = jnp.asarray(c.rope_table()[: c.cls_token_num])
         logits, cache = self._trunk(x, rope, mask, cache, jnp.zeros((), jnp.int32))
@@ -333,7 +355,7 @@ class NextTokenTransformer(nn.Module):
         self._check_cache(cache, tokens_b.shape[0])
         pos = jnp.asarray(pos, jnp.int32)
         x = self.tok_embeddings(tokens_b)[:, None]  # [B, 1, C]
-        slots = cache[0][0].shape[2]
+        slots = cache_slots(c, cache)
         mask = (jnp.arange(slots) <= pos)[None, :]  # [1, S]
         rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(c.rope_table()), pos, 1, axis=0)  # [1, D/2, 2]
         logits, cache = self._trunk(x, rope, mask, cache, pos, backend="xla")

@@ -1,0 +1,143 @@
+"""Compile time of a config's sampler and train step, unrolled or scanned (`scan_layers`).
+
+    python experiments/bench_compile.py --config=configs/var_imagenet.py:d16 --out=unrolled.json
+    python experiments/bench_compile.py --config=configs/var_imagenet.py:d16 --config.var.scan_layers=True \
+        --out=scanned.json
+
+Lowers and compiles, on this process's devices (CPU here) and with the persistent compile cache off:
+  - "sampler": the family's sampler for `--sample_batch` labels (default: the config's grid), random weights, as
+    `jaxgen.sample` runs it (its jitted function, from abstract inputs: nothing is sampled);
+  - "train_step": the first generator stage's step as `jaxgen.train.loop` builds it (`plan_stage`), at
+    `--train_batch` (default 8: compile time hardly depends on the batch; the config's 768 would not fit in 24 GiB).
+Each row has `lower_s` (trace + StableHLO), `xla_s` (XLA's compile) and `compile_s`, their sum: what a user waits
+before the first step. Writes `{"rows": [{"what": "sampler" | "train_step", "compile_s": ...}, ...], ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]", lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "write the JSON here")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "sampler labels (0: the config's grid)")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 8, "train-step global batch")
+_WHAT = flags.DEFINE_list("what", ["sampler", "train_step"], "programs to compile")
+
+
+def _timed_compile(lower) -> dict:
+    t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {
+        "lower_s": round(t1 - t0, 2),
+        "xla_s": round(t2 - t1, 2),
+        "compile_s": round(t2 - t0, 2),
+        "hlo_ops": lowered.as_text().count("\n"),
+        "flops": float(cost.get("flops", 0.0)),
+    }
+
+
+def sampler_row(family, tokenizer, generator, tok_params, config, stage, batch: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    sampler = family.sampler(generator, tokenizer, stage.sampling(config.sampling.to_dict()))
+    abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    gen = jax.eval_shape(lambda: generator.init(jax.random.key(0), *family.generator_inputs(generator))["params"])
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    row = _timed_compile(lambda: sampler._fn.lower(gen, abstract(tok_params), labels, key))
+    return {"what": "sampler", "batch": batch, **row}
+
+
+def train_step_row(family, tokenizer, generator, tok_params, config, stage, batch: int) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxgen.parallel import mesh as mesh_lib
+    from jaxgen.parallel import partition
+    from jaxgen.parallel.rules import rules_from_config
+    from jaxgen.train.generator_task import generator_task
+    from jaxgen.train.loop import plan_stage
+
+    tc = config[f"train_{stage.name}"]
+    mesh = mesh_lib.create_mesh({"data": -1})
+    rules = rules_from_config(config.parallel.rules)
+    task = generator_task(family, tokenizer, generator, tok_params, stage)
+    plan = plan_stage(task, tc, mesh=mesh, rules=rules, seed=0)
+    size = family.image_size(tokenizer, generator)
+    image = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
+    tokens = jax.eval_shape(lambda p, x: tokenizer.apply({"params": p}, x, method="encode_ids"), tok_params, image)
+    sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+    batch_in = {
+        task.batch_key: sds(tokens, plan.batch_shardings[task.batch_key]),
+        "label": sds(jax.ShapeDtypeStruct((batch,), np.int32), plan.batch_shardings["label"]),
+    }
+    frozen = jax.tree.map(sds, tok_params, plan.frozen_shardings)
+    with partition.activation_rules(mesh, rules):
+        row = _timed_compile(lambda: plan.jit_step().lower(plan.abstract_state, batch_in, frozen))
+    return {"what": "train_step", "batch": batch, "stage": stage.name, **row}
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+
+    from jaxgen.families import family_models, init_family_params, model_sections
+    from jaxgen.parallel import distributed
+
+    distributed.enable_compile_cache("off")
+    config = _CONFIG.value
+    family, sections = model_sections(config)
+    stage = family.generator_stages()[0]
+    tc = config[f"train_{stage.name}"]
+    tokenizer, generator = family_models(family, sections, generator_dtype=tc.compute_dtype)
+    tok_params = init_family_params(family, tokenizer, generator, 0)[family.tokenizer_key]
+    gen_section = sections[family.generator_key]
+    grid = len(tuple(config.grid.classes)) * int(config.grid.per_class)
+    rows = []
+    for what in _WHAT.value:
+        if what == "sampler":
+            rows.append(sampler_row(family, tokenizer, generator, tok_params, config, stage,
+                                    _SAMPLE_BATCH.value or grid))  # fmt: skip
+        elif what == "train_step":
+            rows.append(train_step_row(family, tokenizer, generator, tok_params, config, stage, _TRAIN_BATCH.value))
+        else:
+            raise app.UsageError(f"--what: {what!r} is not sampler or train_step")
+        print(json.dumps(rows[-1]), flush=True)
+    report = {
+        "benchmark": "compile time",
+        "command": " ".join(["python", *sys.argv]),
+        "config": config.get("_source", None) or next((a for a in sys.argv if a.startswith("--config=")), ""),
+        "family": family.name,
+        "scan_layers": bool(gen_section.get("scan_layers", False)),
+        "remat": gen_section.get("remat", "none"),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "rows": rows,
+        "total_compile_s": round(sum(r["compile_s"] for r in rows), 2),
+    }
+    print(json.dumps({"total_compile_s": report["total_compile_s"]}))
+    if _OUT.value:
+        Path(_OUT.value).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
