@@ -10,7 +10,9 @@ Lowers and compiles, on this process's devices (CPU here) and with the persisten
   - "train_step": the first generator stage's step as `jaxgen.train.loop` builds it (`plan_stage`), at
     `--train_batch` (default 8: compile time hardly depends on the batch; the config's 768 would not fit in 24 GiB).
 Each row has `lower_s` (trace + StableHLO), `xla_s` (XLA's compile) and `compile_s`, their sum: what a user waits
-before the first step. Writes `{"rows": [{"what": "sampler" | "train_step", "compile_s": ...}, ...], ...}`.
+before the first step. With `--repeats=N` the compiled program also runs N times on random params and inputs
+(after one warm-up call) and the row gets `run_s`, the median seconds per call: what the layout costs at run time.
+Writes `{"rows": [{"what": "sampler" | "train_step", "compile_s": ...}, ...], ...}`.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ _OUT = flags.DEFINE_string("out", None, "write the JSON here")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "sampler labels (0: the config's grid)")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 8, "train-step global batch")
 _WHAT = flags.DEFINE_list("what", ["sampler", "train_step"], "programs to compile")
+_REPEATS = flags.DEFINE_integer("repeats", 0, "also run each compiled program this many times (0: compile only)")
 
 
-def _timed_compile(lower) -> dict:
+def _timed_compile(lower, runner=None) -> dict:
+    """Lower and compile; with --repeats and `runner(compiled) -> call(i)` (one run on concrete inputs, built after
+    the compile), time the runs too."""
+    import jax
+
     t0 = time.perf_counter()
     lowered = lower()
     t1 = time.perf_counter()
@@ -43,13 +50,22 @@ def _timed_compile(lower) -> dict:
     t2 = time.perf_counter()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    return {
+    row = {
         "lower_s": round(t1 - t0, 2),
         "xla_s": round(t2 - t1, 2),
         "compile_s": round(t2 - t0, 2),
-        "hlo_ops": lowered.as_text().count("\n"),
+        "hlo_lines": lowered.as_text().count("\n"),
         "flops": float(cost.get("flops", 0.0)),
     }
+    if _REPEATS.value and runner is not None:
+        call = runner(compiled)
+        times = []
+        for i in range(_REPEATS.value + 1):
+            t = time.perf_counter()
+            jax.block_until_ready(call(i))
+            times.append(time.perf_counter() - t)
+        row["run_s"] = round(sorted(times[1:])[len(times[1:]) // 2], 4)
+    return row
 
 
 def sampler_row(family, tokenizer, generator, tok_params, config, stage, batch: int) -> dict:
@@ -61,7 +77,13 @@ def sampler_row(family, tokenizer, generator, tok_params, config, stage, batch: 
     gen = jax.eval_shape(lambda: generator.init(jax.random.key(0), *family.generator_inputs(generator))["params"])
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    row = _timed_compile(lambda: sampler._fn.lower(gen, abstract(tok_params), labels, key))
+
+    def runner(compiled):
+        params = generator.init(jax.random.key(1), *family.generator_inputs(generator))["params"]
+        labels_b = jnp.arange(batch, dtype=jnp.int32) % max(int(generator.config.num_classes), 1)
+        return lambda i: compiled(params, tok_params, labels_b, jax.random.key(i)).images
+
+    row = _timed_compile(lambda: sampler._fn.lower(gen, abstract(tok_params), labels, key), runner)
     return {"what": "sampler", "batch": batch, **row}
 
 
@@ -89,8 +111,24 @@ def train_step_row(family, tokenizer, generator, tok_params, config, stage, batc
         "label": sds(jax.ShapeDtypeStruct((batch,), np.int32), plan.batch_shardings["label"]),
     }
     frozen = jax.tree.map(sds, tok_params, plan.frozen_shardings)
+
+    def runner(compiled):
+        state = [partition.init_sharded(plan.init_state, mesh, rules, plan.key_data)]
+        rng = np.random.default_rng(0)
+        vocab = int(getattr(tokenizer, "vocab_size", 0) or 2)
+        data = {task.batch_key: rng.integers(0, vocab, tokens.shape).astype(np.int32),
+                "label": rng.integers(0, 2, (batch,)).astype(np.int32)}  # fmt: skip
+        data = {k: jax.device_put(v, plan.batch_shardings[k]) for k, v in data.items()}
+        frozen_in = jax.device_put(tok_params, plan.frozen_shardings)
+
+        def call(i):  # the state is donated: each call takes the last one's
+            state[0], metrics = compiled(state[0], data, frozen_in)
+            return metrics["loss"]
+
+        return call
+
     with partition.activation_rules(mesh, rules):
-        row = _timed_compile(lambda: plan.jit_step().lower(plan.abstract_state, batch_in, frozen))
+        row = _timed_compile(lambda: plan.jit_step().lower(plan.abstract_state, batch_in, frozen), runner)
     return {"what": "train_step", "batch": batch, "stage": stage.name, **row}
 
 
