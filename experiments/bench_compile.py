@@ -87,12 +87,14 @@ def sampler_row(family, tokenizer, generator, tok_params, config, stage, batch: 
     return {"what": "sampler", "batch": batch, **row}
 
 
-def train_step_row(family, tokenizer, generator, tok_params, config, stage, batch: int) -> dict:
+def train_step_program(family, tokenizer, generator, tok_params, config, stage, batch: int) -> dict:
+    """The first generator stage's step as `jaxgen.train.loop` builds it, on this process's devices, and its
+    abstract inputs: {"task", "plan", "mesh", "rules", "batch_in" (token ids [B, L] as pretokenizing writes them,
+    labels [B]), "frozen"} (also used by bench_compile_cache.py)."""
     import jax
     import numpy as np
 
     from jaxgen.parallel import mesh as mesh_lib
-    from jaxgen.parallel import partition
     from jaxgen.parallel.rules import rules_from_config
     from jaxgen.train.generator_task import generator_task
     from jaxgen.train.loop import plan_stage
@@ -111,6 +113,19 @@ def train_step_row(family, tokenizer, generator, tok_params, config, stage, batc
         "label": sds(jax.ShapeDtypeStruct((batch,), np.int32), plan.batch_shardings["label"]),
     }
     frozen = jax.tree.map(sds, tok_params, plan.frozen_shardings)
+    return {"task": task, "plan": plan, "mesh": mesh, "rules": rules, "batch_in": batch_in, "frozen": frozen}
+
+
+def train_step_row(family, tokenizer, generator, tok_params, config, stage, batch: int) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxgen.parallel import partition
+
+    program = train_step_program(family, tokenizer, generator, tok_params, config, stage, batch)
+    task, plan, mesh, rules = program["task"], program["plan"], program["mesh"], program["rules"]
+    batch_in, frozen = program["batch_in"], program["frozen"]
+    tokens = batch_in[task.batch_key]
 
     def runner(compiled):
         state = [partition.init_sharded(plan.init_state, mesh, rules, plan.key_data)]

@@ -28,14 +28,11 @@ def child(spec: str, cache: str, batch: int | None) -> dict:
     """One process: compile times in seconds with the cache at `cache` ('off': none)."""
     import jax
     import numpy as np
+    from bench_compile import train_step_program  # the train step and its abstract inputs, as bench_compile.py
 
     from jaxgen.config_util import load_config
     from jaxgen.families import family_models, init_family_params, model_sections
     from jaxgen.parallel import distributed, partition
-    from jaxgen.parallel import mesh as mesh_lib
-    from jaxgen.parallel.rules import rules_from_config
-    from jaxgen.train.generator_task import generator_task
-    from jaxgen.train.loop import plan_stage
 
     distributed.enable_compile_cache(cache)
     config = load_config(spec)
@@ -55,22 +52,10 @@ def child(spec: str, cache: str, batch: int | None) -> dict:
         times.append(time.perf_counter() - t0)
 
     batch = batch or int(tc.batch_size)
-    mesh = mesh_lib.create_mesh({"data": -1})
-    rules = rules_from_config(config.parallel.rules)
-    task = generator_task(family, tokenizer, generator, tok_params, stage)
-    plan = plan_stage(task, tc, mesh=mesh, rules=rules, seed=0)
-    size = family.image_size(tokenizer, generator)
-    image = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
-    encode = lambda p, x: tokenizer.apply({"params": p}, x, method="encode_ids")
-    tokens = jax.eval_shape(encode, tok_params, image)  # what pretokenizing writes: int32 [B, L]
-    sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
-    batch_in = {
-        task.batch_key: sds(tokens, plan.batch_shardings[task.batch_key]),
-        "label": sds(jax.ShapeDtypeStruct((batch,), np.int32), plan.batch_shardings["label"]),
-    }
-    frozen = jax.tree.map(sds, tok_params, plan.frozen_shardings)
-    with partition.activation_rules(mesh, rules):
-        lowered = plan.jit_step().lower(plan.abstract_state, batch_in, frozen)
+    program = train_step_program(family, tokenizer, generator, tok_params, config, stage, batch)
+    plan = program["plan"]
+    with partition.activation_rules(program["mesh"], program["rules"]):
+        lowered = plan.jit_step().lower(plan.abstract_state, program["batch_in"], program["frozen"])
         t0 = time.perf_counter()
         lowered.compile()
         train_compile = time.perf_counter() - t0
